@@ -1,0 +1,562 @@
+"""
+The Stable Diffusion v1 U-Net (the noise predictor eps(x_t, t, text)), with configurable block removal
+as in BK-SDM: fewer (resnet, attention) pairs per stage, no mid-block, fewer stages.
+
+References
+1) Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models", arXiv 2112.10752.
+2) Kim et al., "BK-SDM: A Lightweight, Fast, and Cheap Version of Stable Diffusion", arXiv 2305.15798:
+   base = 1 pair per down stage and 2 per up stage, small = base without the mid-block,
+   tiny = small without the innermost stage.
+3) Numerical reference: diffusers `UNet2DConditionModel` (models/unets/unet_2d_condition.py).
+Checkpoint format: parameter names are exactly diffusers' (`down_blocks.1.attentions.0.proj_in.weight`),
+so the official diffusers-layout U-Nets (SD v1.4/v1.5 `unet/`, nota-ai/bk-sdm-*) load with
+`load_state_dict(strict=True)` and no renaming. The CompVis single-file names go through convert_weights.py.
+
+This file also holds the project's one attention function, `attention()`, which the VAE reuses.
+"""
+import argparse
+import math
+import time
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# Attention: softmax(q k^T / sqrt(d)) v, two exact implementations
+
+
+def tiled_attention(q, k, v, q_chunk=1024, k_chunk=1024):
+    """Exact attention in O(N) memory: never builds the Lq x Lk score matrix, only q_chunk x k_chunk tiles.
+
+    For each query tile we walk over the key tiles keeping, per query, the running max m of the scores,
+    the running softmax denominator l and the running numerator acc = sum_j exp(s_j - m) v_j. When a new
+    tile raises the max from m to m', the old sums are rescaled by exp(m - m') (the "online softmax" of
+    Milakov & Gimelshein 2018, as used by FlashAttention). q, k, v: (B, heads, L, d).
+    """
+    scale = q.shape[-1] ** -0.5
+    out = torch.empty_like(q)
+    for i in range(0, q.shape[-2], q_chunk):
+        qi = q[..., i:i + q_chunk, :] * scale
+        m = torch.full(qi.shape[:-1] + (1,), -math.inf, device=q.device, dtype=torch.float32)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(qi.shape, device=q.device, dtype=torch.float32)
+        for j in range(0, k.shape[-2], k_chunk):
+            s = (qi @ k[..., j:j + k_chunk, :].transpose(-1, -2)).float()  # (B, heads, q_chunk, k_chunk)
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            p = torch.exp(s - m_new)
+            rescale = torch.exp(m - m_new)  # exp(-inf) = 0 on the first tile
+            l = l * rescale + p.sum(dim=-1, keepdim=True)
+            acc = acc * rescale + p.to(v.dtype) @ v[..., j:j + k_chunk, :]
+            m = m_new
+        out[..., i:i + q_chunk, :] = acc / l
+    return out
+
+
+def attention(q, k, v, heads, impl="sdpa", upcast=False):
+    """Multi-head attention core. q: (B, Lq, D), k and v: (B, Lk, D) -> (B, Lq, D), with D = heads * d.
+
+    impl "sdpa": torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on CUDA,
+    a tiled flash kernel on CPU). impl "tiled": our own O(N)-memory kernel above, readable and exact.
+    upcast computes in fp32 (SD 2.x-768 needs it in fp16). Neither path builds the N x N matrix.
+    """
+    B, Lq, D = q.shape
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    q, k, v = (t.unflatten(-1, (heads, D // heads)).transpose(1, 2) for t in (q, k, v))  # (B, heads, L, d)
+    if impl == "sdpa":
+        o = F.scaled_dot_product_attention(q, k, v)
+    elif impl == "tiled":
+        o = tiled_attention(q, k, v)
+    else:
+        raise ValueError(f"unknown attention impl {impl!r}; use 'sdpa' or 'tiled'")
+    return o.transpose(1, 2).reshape(B, Lq, D).to(dtype)
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    in_channels: int = 4                                  # SD v1 latents have 4 channels
+    out_channels: int = 4
+    block_out_channels: tuple = (320, 640, 1280, 1280)    # one entry per stage; BK-Tiny drops the last
+    layers_per_block: tuple = (2, 2, 2, 2)                # (resnet, attention) pairs per down stage; the
+                                                          # matching up stage has one more (it also eats the
+                                                          # skip from the stage's input). BK-Base/Small/Tiny: 1
+    cross_attn: tuple = (True, True, True, False)         # does the stage have transformer blocks
+    mid_block: bool = True                                # BK-Small and BK-Tiny remove it
+    num_heads: tuple = (8, 8, 8, 8)                       # heads per stage (diffusers calls this
+                                                          # `attention_head_dim` in SD v1 configs; head dim = C/8)
+    cross_attention_dim: int = 768                        # width of the text states: CLIP ViT-L/14 for SD v1
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5                                # resnet GroupNorms; transformer GroupNorm uses 1e-6
+    flip_sin_to_cos: bool = True                          # the timestep embedding is [cos, sin], as LDM trained it
+    freq_shift: int = 0
+    use_linear_projection: bool = False                   # SD 2.x: proj_in/proj_out are Linear, not 1x1 conv
+    upcast_attention: bool = False                        # SD 2.x-768: attention in fp32
+    sample_size: int = 64                                 # the latent side used in training (512 px / 8)
+    attention: str = "sdpa"                               # "sdpa" or "tiled" (our O(N)-memory kernel)
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        for name in ("layers_per_block", "cross_attn", "num_heads"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} needs one entry per stage ({n}), got {getattr(self, name)}")
+        for c, h in zip(self.block_out_channels, self.num_heads):
+            if c % self.norm_num_groups or c % h:
+                raise ValueError(f"{c} channels must divide by norm_num_groups={self.norm_num_groups} and heads={h}")
+
+    @classmethod
+    def from_diffusers(cls, d):
+        """Read a diffusers `unet/config.json` dict (SD v1/v2 and the BK-SDM releases)."""
+        defaults = dict(center_input_sample=False, only_cross_attention=False, dual_cross_attention=False,
+                        class_embed_type=None, addition_embed_type=None, encoder_hid_dim=None,
+                        time_cond_proj_dim=None, transformer_layers_per_block=1, resnet_time_scale_shift="default",
+                        time_embedding_type="positional", time_embedding_dim=None, act_fn="silu",
+                        downsample_padding=1, mid_block_scale_factor=1, resnet_out_scale_factor=1.0,
+                        conv_in_kernel=3, conv_out_kernel=3, attention_type="default", dropout=0.0)
+        odd = {k: d[k] for k, v in defaults.items() if k in d and d[k] != v}
+        if odd:
+            raise ValueError(f"unsupported U-Net config values (not Stable Diffusion v1/v2): {odd}")
+        down, up = d.get("down_block_types", ()), d.get("up_block_types", ())
+        n = len(down)
+        cross = tuple(t.startswith("CrossAttn") for t in down)
+        if len(up) != n or tuple(t.startswith("CrossAttn") for t in reversed(up)) != cross:
+            raise ValueError(f"up_block_types {up} do not mirror down_block_types {down}")
+        mid = d.get("mid_block_type", "UNetMidBlock2DCrossAttn")  # a missing key means the default mid-block
+        if mid not in (None, "UNetMidBlock2DCrossAttn"):
+            raise ValueError(f"unsupported mid_block_type {mid!r}")
+        per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
+        heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)  # diffusers' naming quirk
+        if isinstance(d.get("cross_attention_dim", 768), (list, tuple)):
+            raise ValueError("a per-stage cross_attention_dim is not supported")
+        return cls(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
+                   block_out_channels=tuple(d["block_out_channels"]),
+                   layers_per_block=per_stage(d.get("layers_per_block", 2)), cross_attn=cross,
+                   mid_block=mid is not None, num_heads=per_stage(heads),
+                   cross_attention_dim=d.get("cross_attention_dim", 768),
+                   norm_num_groups=d.get("norm_num_groups", 32), norm_eps=d.get("norm_eps", 1e-5),
+                   flip_sin_to_cos=d.get("flip_sin_to_cos", True), freq_shift=d.get("freq_shift", 0),
+                   use_linear_projection=d.get("use_linear_projection", False),
+                   upcast_attention=d.get("upcast_attention", False), sample_size=d.get("sample_size", 64))
+
+    def to_diffusers(self):
+        """The diffusers `UNet2DConditionModel` config for this architecture (for export and tests)."""
+        return dict(_class_name="UNet2DConditionModel", in_channels=self.in_channels,
+                    out_channels=self.out_channels, block_out_channels=list(self.block_out_channels),
+                    layers_per_block=list(self.layers_per_block),
+                    down_block_types=["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in self.cross_attn],
+                    up_block_types=["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in self.cross_attn[::-1]],
+                    mid_block_type="UNetMidBlock2DCrossAttn" if self.mid_block else None,
+                    attention_head_dim=list(self.num_heads), cross_attention_dim=self.cross_attention_dim,
+                    norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps,
+                    flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift,
+                    use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
+                    sample_size=self.sample_size)
+
+
+SD_V1 = UNetConfig()
+BK_BASE = replace(SD_V1, layers_per_block=(1, 1, 1, 1))
+BK_SMALL = replace(BK_BASE, mid_block=False)
+PRESETS = {
+    "sd-v1": SD_V1,        # 859.5M parameters
+    "bk-base": BK_BASE,    # 579.4M: the 2nd pair of every down stage and the middle pair of every up stage gone
+    "bk-small": BK_SMALL,  # 482.3M: base without the mid-block
+    "bk-tiny": replace(BK_SMALL, block_out_channels=(320, 640, 1280), layers_per_block=(1, 1, 1),
+                       cross_attn=(True, True, True), num_heads=(8, 8, 8)),  # 323.4M: no innermost stage
+    # sd-v1's topology at toy width (about 2.7M parameters) for fast tests and offline smoke runs
+    "tiny-test": replace(SD_V1, block_out_channels=(32, 64, 64, 64), cross_attention_dim=32,
+                         norm_num_groups=16, num_heads=(2, 2, 4, 4)),
+}
+
+# -----------------------------------------------------------------------------
+# Building blocks (bottom-up), each mirroring the diffusers class it names
+
+
+def run(module, *args, ckpt=False):
+    """Call module(*args), recomputing its activations in backward when gradient checkpointing is on."""
+    if ckpt and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=0):
+    """Sinusoidal embedding of t (DDPM / Transformer): frequencies 10000^(-i/(dim/2 - freq_shift))."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift))
+    angles = t[:, None].float() * freqs[None]
+    emb = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return torch.cat([emb[:, half:], emb[:, :half]], dim=-1) if flip_sin_to_cos else emb
+
+
+class TimestepEmbedding(nn.Module):
+    """Mirrors diffusers `TimestepEmbedding` (LDM: `time_embed`)."""
+
+    def __init__(self, c_in, c_out):
+        super().__init__()
+        self.linear_1 = nn.Linear(c_in, c_out)
+        self.linear_2 = nn.Linear(c_out, c_out)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResnetBlock2D(nn.Module):
+    """Mirrors diffusers `ResnetBlock2D` (LDM: `ResBlock`): two 3x3 convs with the timestep added between."""
+
+    def __init__(self, c_in, c_out, temb_dim, groups, eps):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=eps)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, c_out)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=eps)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        # a 1x1 conv matches channels on the residual path when they change
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))  # (dropout 0 in SD: omitted)
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Attention(nn.Module):
+    """Mirrors diffusers `Attention` (LDM: `CrossAttention`): self-attention, or cross-attention to `context`."""
+
+    def __init__(self, dim, heads, context_dim=None, impl="sdpa", upcast=False):
+        super().__init__()
+        self.heads, self.impl, self.upcast = heads, impl, upcast
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])  # index 1 is Dropout: kept so keys match
+
+    def forward(self, x, context=None):
+        # No fused QKV matmul: concatenating to_q/to_k/to_v into one weight measured no faster on CPU
+        # (within 1%, slower at 64 tokens; `python bench.py --qkv`, BENCHMARKS.md), so the three stay apart.
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        return self.to_out[0](attention(q, k, v, self.heads, self.impl, self.upcast))
+
+
+class GEGLU(nn.Module):
+    """Mirrors diffusers `GEGLU`: a gated GELU unit (Shazeer 2020), value * GELU(gate)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * hidden)
+
+    def forward(self, x):
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Mirrors diffusers `BasicTransformerBlock`: self-attention, cross-attention to the text, GEGLU MLP."""
+
+    def __init__(self, dim, heads, context_dim, impl, upcast):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, None, impl, upcast)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim, impl, upcast)
+        self.norm3 = nn.LayerNorm(dim)
+        # index 1 is Dropout: kept so the keys are ff.net.0.proj and ff.net.2 as in the checkpoints
+        self.ff = nn.Module()
+        self.ff.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x, context):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff.net[2](self.ff.net[0](self.norm3(x)))
+
+
+class Transformer2DModel(nn.Module):
+    """Mirrors diffusers `Transformer2DModel` (LDM: `SpatialTransformer`): image -> tokens -> block -> image."""
+
+    def __init__(self, c, heads, cfg):
+        super().__init__()
+        # eps 1e-6 here (vs 1e-5 in the resnets): what LDM's SpatialTransformer used
+        self.norm = nn.GroupNorm(cfg.norm_num_groups, c, eps=1e-6)
+        proj = (lambda: nn.Linear(c, c)) if cfg.use_linear_projection else (lambda: nn.Conv2d(c, c, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList(
+            [BasicTransformerBlock(c, heads, cfg.cross_attention_dim, cfg.attention, cfg.upcast_attention)])
+        self.proj_out = proj()
+        self.linear = cfg.use_linear_projection
+
+    def forward(self, x, context):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        if not self.linear:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, L, C) tokens
+        if self.linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.linear:
+            h = self.proj_out(h)
+        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # back to (B, C, H, W)
+        if not self.linear:
+            h = self.proj_out(h.contiguous())
+        return x + h
+
+
+class Downsample2D(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    """One encoder stage. Mirrors diffusers `CrossAttnDownBlock2D` (or `DownBlock2D` without attention).
+    Returns the stage output and the skips it produced (one per pair, one after the downsampler)."""
+
+    def __init__(self, c_in, c_out, n, attn, heads, down, temb_dim, cfg):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(c_in if i == 0 else c_out, c_out, temb_dim, cfg.norm_num_groups, cfg.norm_eps)
+             for i in range(n)])
+        self.attentions = nn.ModuleList([Transformer2DModel(c_out, heads, cfg) for _ in range(n)] if attn else [])
+        self.downsamplers = nn.ModuleList([Downsample2D(c_out)] if down else [])
+
+    def forward(self, h, temb, context, ckpt=False):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            h = run(resnet, h, temb, ckpt=ckpt)
+            if self.attentions:
+                h = run(self.attentions[i], h, context, ckpt=ckpt)
+            skips.append(h)
+        for down in self.downsamplers:
+            h = down(h)
+            skips.append(h)
+        return h, skips
+
+
+class UpBlock(nn.Module):
+    """One decoder stage. Mirrors diffusers `CrossAttnUpBlock2D` (or `UpBlock2D`). Each resnet first
+    concatenates the newest skip on channels; the last one takes the skip from the stage's input."""
+
+    def __init__(self, c_prev, c_out, c_skip_in, n, attn, heads, up, temb_dim, cfg):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D((c_prev if i == 0 else c_out) + (c_skip_in if i == n - 1 else c_out), c_out,
+                           temb_dim, cfg.norm_num_groups, cfg.norm_eps) for i in range(n)])
+        self.attentions = nn.ModuleList([Transformer2DModel(c_out, heads, cfg) for _ in range(n)] if attn else [])
+        self.upsamplers = nn.ModuleList([Upsample2D(c_out)] if up else [])
+
+    def forward(self, h, skips, temb, context, ckpt=False):
+        for i, resnet in enumerate(self.resnets):
+            h = run(resnet, torch.cat([h, skips.pop()], dim=1), temb, ckpt=ckpt)
+            if self.attentions:
+                h = run(self.attentions[i], h, context, ckpt=ckpt)
+        for up in self.upsamplers:
+            h = up(h)
+        return h
+
+
+class MidBlock(nn.Module):
+    """Mirrors diffusers `UNetMidBlock2DCrossAttn`: resnet, attention, resnet at the lowest resolution."""
+
+    def __init__(self, c, heads, temb_dim, cfg):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(c, c, temb_dim, cfg.norm_num_groups, cfg.norm_eps)
+                                      for _ in range(2)])
+        self.attentions = nn.ModuleList([Transformer2DModel(c, heads, cfg)])
+
+    def forward(self, h, temb, context, ckpt=False):
+        h = run(self.resnets[0], h, temb, ckpt=ckpt)
+        h = run(self.attentions[0], h, context, ckpt=ckpt)
+        return run(self.resnets[1], h, temb, ckpt=ckpt)
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+class UNet(nn.Module):
+    """eps_theta(x_t, t, context). Mirrors diffusers `UNet2DConditionModel` for SD v1/v2 and BK-SDM."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gradient_checkpointing = False  # distill.py turns it on to trade compute for memory
+        ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
+        temb_dim = 4 * ch[0]  # 1280 for SD v1
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_dim)
+        self.down_blocks = nn.ModuleList(
+            [DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block[i], cfg.cross_attn[i], cfg.num_heads[i],
+                       i < n - 1, temb_dim, cfg) for i in range(n)])
+        self.mid_block = MidBlock(ch[-1], cfg.num_heads[-1], temb_dim, cfg) if cfg.mid_block else None
+        # up stage j mirrors down stage i = n-1-j and has one more pair than it
+        self.up_blocks = nn.ModuleList(
+            [UpBlock(ch[min(i + 1, n - 1)], ch[i], ch[max(i - 1, 0)], cfg.layers_per_block[i] + 1,
+                     cfg.cross_attn[i], cfg.num_heads[i], i > 0, temb_dim, cfg) for i in reversed(range(n))])
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def check_inputs(self, x, t, context):
+        cfg, f = self.cfg, 2 ** (len(self.cfg.block_out_channels) - 1)
+        if x.ndim != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"latent must be (B, {cfg.in_channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"latent size {tuple(x.shape[2:])} must be divisible by {f}: this U-Net halves it "
+                             f"{len(cfg.block_out_channels) - 1} times (image sides divisible by {8 * f})")
+        if context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
+            raise ValueError(f"context must be (B, tokens, {cfg.cross_attention_dim}), got {tuple(context.shape)}")
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(f"batch of context ({context.shape[0]}) differs from latent ({x.shape[0]})")
+        if t.ndim > 1 or t.numel() not in (1, x.shape[0]):
+            raise ValueError(f"t must be a number or hold one timestep per sample, got shape {tuple(t.shape)}")
+
+    def forward(self, x, t, context):
+        """x: (B, 4, H, W) noisy latent, t: number or (B,) timesteps, context: (B, 77, 768) text -> eps."""
+        t = torch.as_tensor(t, device=x.device)
+        self.check_inputs(x, t, context)
+        ckpt = self.gradient_checkpointing and self.training
+        temb = timestep_embedding(t.reshape(-1).expand(x.shape[0]), self.cfg.block_out_channels[0],
+                                  self.cfg.flip_sin_to_cos, self.cfg.freq_shift).to(x.dtype)
+        temb = self.time_embedding(temb)
+        h = self.conv_in(x)
+        skips = [h]  # the skip stack starts with conv_in's output; up resnets pop from its end
+        for block in self.down_blocks:
+            h, s = block(h, temb, context, ckpt)
+            skips += s
+        if self.mid_block is not None:
+            h = self.mid_block(h, temb, context, ckpt)
+        for block in self.up_blocks:
+            h = block(h, skips, temb, context, ckpt)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))
+
+# -----------------------------------------------------------------------------
+# Architecture summary: blocks, removals, parameters and MACs (counted the paper's way, like thop)
+
+
+def count_macs(model, latent=64, batch=1):
+    """MACs of one forward pass per top-level block, in the paper's convention: convolutions and linear
+    layers (what thop counts), with the attention matmuls q k^T and p v counted apart (thop skips them).
+    Runs on the meta device: no memory, no time."""
+    cfg = model.cfg
+    meta = UNet(cfg).to("meta") if next(model.parameters()).device.type != "meta" else model
+    macs, current = {}, [None]
+
+    def conv_linear(m, inp, out):
+        k = m.in_channels // m.groups * math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else m.in_features
+        macs[current[0]][0] += out.numel() * k
+
+    def attn(m, inp, out):
+        x, ctx = inp[0], (inp[1] if len(inp) > 1 else inp[0])
+        macs[current[0]][1] += 2 * x.shape[0] * x.shape[1] * ctx.shape[1] * x.shape[2]  # q k^T and p v
+
+    hooks = [m.register_forward_hook(conv_linear) for m in meta.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    hooks += [m.register_forward_hook(attn) for m in meta.modules() if isinstance(m, Attention)]
+    for name, m in meta.named_children():
+        for sub_name, sub in ([(f"{name}.{i}", b) for i, b in enumerate(m)] if isinstance(m, nn.ModuleList)
+                              else [(name, m)]):
+            def enter(mod, args, sub_name=sub_name):
+                current[0] = sub_name
+                macs.setdefault(sub_name, [0, 0])
+            hooks.append(sub.register_forward_pre_hook(enter))
+    x = torch.zeros(batch, cfg.in_channels, latent, latent, device="meta")
+    ctx = torch.zeros(batch, 77, cfg.cross_attention_dim, device="meta")
+    with torch.no_grad():
+        meta(x, torch.zeros(batch, device="meta"), ctx)
+    for hk in hooks:
+        hk.remove()
+    return macs
+
+
+def summary(cfg, latent=64, ref=PRESETS["sd-v1"]):
+    """A table of stages and blocks: pairs kept vs the reference, parameters and MACs per block."""
+    with torch.device("meta"):
+        model = UNet(cfg)
+    macs = count_macs(model, latent)
+    n, nref = len(cfg.block_out_channels), len(ref.block_out_channels)
+    rows = [("block", "res", "ch", "pairs (vs ref)", "params", "GMACs", "attn GMACs")]
+
+    def params(m):
+        return sum(p.numel() for p in m.parameters())
+
+    def add(name, module, res, ch, pairs):
+        mc, ma = macs.get(name, (0, 0))
+        rows.append((name, res, ch, pairs, f"{params(module) / 1e6:.2f}M", f"{mc / 1e9:.2f}", f"{ma / 1e9:.2f}"))
+
+    add("conv_in", model.conv_in, latent, cfg.block_out_channels[0], "")
+    add("time_embedding", model.time_embedding, "", "", "")
+    for i, b in enumerate(model.down_blocks):
+        kept, had = cfg.layers_per_block[i], ref.layers_per_block[i] if i < nref else 0
+        add(f"down_blocks.{i}", b, latent >> i, cfg.block_out_channels[i],
+            f"{kept}{'A' if cfg.cross_attn[i] else 'R'} (-{had - kept})" if had > kept else f"{kept}")
+    mid_res = latent >> (n - 1)
+    if model.mid_block is not None:
+        add("mid_block", model.mid_block, mid_res, cfg.block_out_channels[-1], "R,A,R")
+    elif ref.mid_block:
+        rows.append(("mid_block", mid_res, "", "removed", "0", "0", "0"))
+    for j, b in enumerate(model.up_blocks):
+        i = n - 1 - j
+        kept, had = cfg.layers_per_block[i] + 1, (ref.layers_per_block[i] + 1 if i < nref else 0)
+        add(f"up_blocks.{j}", b, latent >> i, cfg.block_out_channels[i],
+            f"{kept}{'A' if cfg.cross_attn[i] else 'R'} (-{had - kept})" if had > kept else f"{kept}")
+    for m in ("conv_norm_out", "conv_out"):
+        add(m, getattr(model, m), latent, cfg.block_out_channels[0], "")
+    for i in range(n, nref):
+        rows.append((f"stage {i}", latent >> i, ref.block_out_channels[i], "removed (down and up)", "0", "0", "0"))
+    total, conv_lin, attn_mm = params(model), sum(v[0] for v in macs.values()), sum(v[1] for v in macs.values())
+    with torch.device("meta"):
+        ref_model = UNet(ref)
+    ref_macs = count_macs(ref_model, latent)
+    ref_total, ref_mc = params(ref_model), sum(v[0] for v in ref_macs.values())
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"total: {total:,} parameters ({100 * (total / ref_total - 1):+.1f}% vs reference), "
+                 f"{conv_lin / 1e9:.1f}G MACs per step at a {latent}x{latent} latent, batch 1 "
+                 f"({100 * (conv_lin / ref_mc - 1):+.1f}%), + {attn_mm / 1e9:.1f}G in attention matmuls")
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# Command line:  python unet.py --preset bk-small --summary
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--preset", default="bk-small", choices=list(PRESETS))
+    ap.add_argument("--summary", action="store_true", help="print the block table and exit")
+    ap.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "tiled"])
+    args = ap.parse_args()
+    cfg = replace(PRESETS[args.preset], attention=args.attention)
+    if args.summary:
+        print(f"U-Net {args.preset} vs sd-v1 (pairs: R = resnet only, A = resnet + attention)")
+        print(summary(cfg, args.latent))
+    else:
+        print(f"*** SMOKE RUN: {args.preset} U-Net with RANDOM weights; the output is noise, not a model ***")
+        torch.manual_seed(0)
+        model = UNet(cfg).eval()
+        x = torch.randn(args.batch, cfg.in_channels, args.latent, args.latent)
+        ctx = torch.randn(args.batch, 77, cfg.cross_attention_dim)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            eps = model(x, 999, ctx)
+        print(f"eps {tuple(eps.shape)}, mean {eps.mean():.4f}, std {eps.std():.4f}, "
+              f"{time.perf_counter() - t0:.2f}s")
