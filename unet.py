@@ -118,7 +118,9 @@ class UNetConfig:
                         time_cond_proj_dim=None, transformer_layers_per_block=1, resnet_time_scale_shift="default",
                         time_embedding_type="positional", time_embedding_dim=None, act_fn="silu",
                         downsample_padding=1, mid_block_scale_factor=1, resnet_out_scale_factor=1.0,
-                        conv_in_kernel=3, conv_out_kernel=3, attention_type="default", dropout=0.0)
+                        conv_in_kernel=3, conv_out_kernel=3, attention_type="default", dropout=0.0,
+                        num_class_embeds=None, time_embedding_act_fn=None, timestep_post_act=None,
+                        resnet_skip_time_act=False, cross_attention_norm=None, class_embeddings_concat=False)
         odd = {k: d[k] for k, v in defaults.items() if k in d and d[k] != v}
         if odd:
             raise ValueError(f"unsupported U-Net config values (not Stable Diffusion v1/v2): {odd}")
@@ -168,7 +170,7 @@ PRESETS = {
     "bk-small": BK_SMALL,  # 482.3M: base without the mid-block
     "bk-tiny": replace(BK_SMALL, block_out_channels=(320, 640, 1280), layers_per_block=(1, 1, 1),
                        cross_attn=(True, True, True), num_heads=(8, 8, 8)),  # 323.4M: no innermost stage
-    # sd-v1's topology at toy width (about 2.7M parameters) for fast tests and offline smoke runs
+    # sd-v1's topology at toy width (3.2M parameters) for fast tests and offline smoke runs
     "tiny-test": replace(SD_V1, block_out_channels=(32, 64, 64, 64), cross_attention_dim=32,
                          norm_num_groups=16, num_heads=(2, 2, 4, 4)),
 }
