@@ -22,17 +22,24 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def build(args, which):
-    """Our U-Net with seeded random weights, and/or diffusers' with the very same tensors."""
+    """which = "minisd" or "diffusers": that model alone, as a user builds it (for memory); "both": ours with
+    seeded random weights and diffusers' sharing the very same tensors (for time and a parity check)."""
     torch.manual_seed(0)
     cfg = PRESETS[args.preset]
-    ours = UNet(cfg).to(args.device, DTYPES[args.dtype]).eval()
-    if which == "ours":
-        return cfg, {"minisd": ours}
+    to = dict(device=args.device, dtype=DTYPES[args.dtype])
+    if which != "diffusers":
+        ours = UNet(cfg).to(**to).eval()
+        if which == "minisd":
+            return cfg, {"minisd": ours}
     from diffusers import UNet2DConditionModel
+    d = {k: v for k, v in cfg.to_diffusers().items() if k[0] != "_"}
+    if which == "diffusers":
+        ref = UNet2DConditionModel(**d)  # cast only when asked: diffusers warns about .to(dtype)
+        return cfg, {"diffusers": (ref if to == dict(device="cpu", dtype=torch.float32) else ref.to(**to)).eval()}
     with torch.device("meta"):
-        ref = UNet2DConditionModel(**{k: v for k, v in cfg.to_diffusers().items() if k[0] != "_"})
+        ref = UNet2DConditionModel(**d)
     ref.load_state_dict(ours.state_dict(), strict=True, assign=True)
-    return cfg, ({"diffusers": ref.eval()} if which == "diffusers" else {"minisd": ours, "diffusers": ref.eval()})
+    return cfg, {"minisd": ours, "diffusers": ref.eval()}
 
 
 def step_inputs(cfg, args):
