@@ -60,7 +60,8 @@ def attention(q, k, v, heads, impl="sdpa", upcast=False):
 
     impl "sdpa": torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on CUDA,
     a tiled flash kernel on CPU). impl "tiled": our own O(N)-memory kernel above, readable and exact.
-    upcast computes in fp32 (SD 2.x-768 needs it in fp16). Neither path builds the N x N matrix.
+    upcast computes in fp32 (SD 2.x-768 needs it in fp16). Neither path builds the N x N matrix on CPU or
+    CUDA; where SDPA falls back to its math kernel (other backends, exotic shapes), "tiled" still does not.
     """
     B, Lq, D = q.shape
     dtype = q.dtype
