@@ -37,6 +37,10 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def n_params(*modules):
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
 def narrow(cfg):
     """The same topology at toy width: what 'every preset at reduced width' is tested on."""
     n = len(cfg.block_out_channels)
@@ -77,7 +81,7 @@ def check_parity(cfg, B=2, H=16, W=16, t=None, seed=0):
 def test_parameter_counts(preset, count):
     with torch.device("meta"):
         m = UNet(PRESETS[preset])
-    assert sum(p.numel() for p in m.parameters()) == count
+    assert n_params(m) == count
 
 
 @pytest.mark.parametrize("preset,gmacs,attn", [("sd-v1", 338.6, 63.0), ("bk-base", 223.7, 37.8),
@@ -376,14 +380,10 @@ def test_clip_tokenizer_sd2_padding(sd_dir, tmp_path):
 # clip_text.py: text encoder
 
 
-def n_params(cfg):
-    with torch.device("meta"):
-        return sum(p.numel() for p in CLIPTextModel(cfg).parameters())
-
-
 def test_clip_parameter_counts():
-    assert n_params(clip_text.PRESETS["sd-v1"]) == 123_060_480
-    assert n_params(clip_text.PRESETS["sd-v2"]) == 340_387_840
+    with torch.device("meta"):
+        assert n_params(CLIPTextModel(clip_text.PRESETS["sd-v1"])) == 123_060_480
+        assert n_params(CLIPTextModel(clip_text.PRESETS["sd-v2"])) == 340_387_840
 
 
 def clip_parity(cfg, ids, rel=1e-4):
@@ -463,9 +463,6 @@ def diffusers_vae(cfg, sample_size=64):
         latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups, sample_size=sample_size).eval()
 
 
-def count(*modules):
-    return sum(p.numel() for m in modules for p in m.parameters())
-
 # -----------------------------------------------------------------------------
 # vae.py: parity with diffusers
 
@@ -540,10 +537,10 @@ def test_vae_posterior_clamps_logvar_and_samples_from_the_generator():
 def test_vae_parameter_counts_sd_v1():
     with torch.device("meta"):
         m = AutoencoderKL(vae.PRESETS["sd-v1"])
-    assert count(m) == 83_653_863
-    assert count(m.decoder, m.post_quant_conv) == 49_490_199
-    assert count(m.decoder) == 49_490_179
-    assert count(m.encoder, m.quant_conv) == 34_163_664
+    assert n_params(m) == 83_653_863
+    assert n_params(m.decoder, m.post_quant_conv) == 49_490_199
+    assert n_params(m.decoder) == 49_490_179
+    assert n_params(m.encoder, m.quant_conv) == 34_163_664
 
 # -----------------------------------------------------------------------------
 # vae.py: tiled decoding

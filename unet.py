@@ -458,8 +458,10 @@ def count_macs(model, latent=64, batch=1):
     layers (what thop counts), with the attention matmuls q k^T and p v counted apart (thop skips them).
     Runs on the meta device: no memory, no time."""
     cfg = model.cfg
-    with torch.device("meta"):  # a twin without storage: hooks see only shapes
-        meta = UNet(cfg)
+    meta = model
+    if next(model.parameters()).device.type != "meta":
+        with torch.device("meta"):  # a twin without storage: hooks see only shapes
+            meta = UNet(cfg)
     macs, current = {}, [None]
 
     def conv_linear(m, inp, out):
