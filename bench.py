@@ -5,13 +5,17 @@ Results go in BENCHMARKS.md. Needs the dev requirements (diffusers is the refere
   python bench.py                         # one U-Net step, sd-v1, fp32, CPU, batch 2, 64x64 latent, 2 threads
   python bench.py --preset bk-small --reps 5 --device cuda --dtype float16
   python bench.py --qkv                   # separate vs fused q/k/v projections at SD v1's attention shapes
+  python bench.py --load                  # load a saved diffusers folder (random sd-v1 weights): time, peak RSS
+  python bench.py --txt2img --preset bk-small --size 256 --steps 10   # whole text-to-image run, per stage
 """
 import argparse
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +137,99 @@ def bench_qkv(args):
                   f"fused {f:8.2f} ms, fused speed-up {s / f:.3f}x")
 
 
+def save_random_pipeline(preset, folder):
+    """A full-size pipeline (U-Net `preset`, SD v1 VAE and CLIP) with seeded random weights, as a diffusers folder."""
+    import convert_weights as cw
+    from clip_text import find_openai_vocab
+    from sampler import random_pipeline
+    pipe = cw.Pipeline(**dict(vars(random_pipeline(preset)), scheduler_config=dict(cw.SD_V1_SCHEDULER)))
+    cw.to_diffusers(pipe, folder, tokenizer=find_openai_vocab())
+    return pipe
+
+
+def load_once(which, folder, dtype):
+    """One load in this (fresh) process; prints seconds and peak RSS in GB."""
+    t0 = time.perf_counter()
+    if which == "read":  # the floor: every byte of the weights files read once
+        for f in sorted(Path(folder).glob("*/*.safetensors")):
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+    elif which == "minisd":
+        import convert_weights as cw
+        pipe = cw.load_pipeline(folder, dtype=DTYPES[dtype])
+        sum(p.float().sum().item() for p in pipe.unet.parameters())  # touch every page: mmap defers the reads
+    else:
+        from diffusers import StableDiffusionPipeline
+        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=DTYPES[dtype], local_files_only=True)
+        sum(p.float().sum().item() for p in pipe.unet.parameters())
+    seconds = time.perf_counter() - t0
+    print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+
+
+def bench_load(args):
+    """Load a whole pipeline from a diffusers folder (safetensors, fp32 on disk) in fresh processes, interleaved:
+    minisd's load_pipeline (meta-device models, memory-mapped tensors assigned as they are) vs diffusers'
+    StableDiffusionPipeline.from_pretrained, and the time to just read the files."""
+    with tempfile.TemporaryDirectory() as folder:
+        save_random_pipeline(args.preset, folder)
+        size = sum(f.stat().st_size for f in Path(folder).glob("*/*.safetensors")) / 1e9
+        runs = {"read": [], "minisd": [], "diffusers": []}
+        for _ in range(args.reps):
+            for which in runs:
+                cmd = [sys.executable, __file__, "--load-once", which, folder, f"--dtype={args.dtype}"]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()
+                runs[which].append((float(out[-2]), float(out[-1])))
+    print(f"load a {args.preset} pipeline (U-Net + VAE + CLIP) from a diffusers folder, {size:.2f} GB of fp32 "
+          f"safetensors, into {args.dtype}, CPU, warm page cache, median of {args.reps}, each in a fresh process")
+    med = {k: (statistics.median(s for s, _ in v), max(m for _, m in v)) for k, v in runs.items()}
+    for k, (s, m) in med.items():
+        print(f"  {k:10s} {s:7.2f} s   peak RSS {m:5.2f} GB   (runs: {', '.join(f'{s:.2f}' for s, _ in runs[k])})")
+    print(f"  speed-up of minisd over diffusers: {med['diffusers'][0] / med['minisd'][0]:.2f}x; minisd / reading "
+          f"the files: {med['minisd'][0] / med['read'][0]:.2f}x; peak RSS minisd / weights in {args.dtype}: "
+          f"{med['minisd'][1] / (size * (1 if args.dtype == 'float32' else 0.5)):.2f}")
+
+
+def bench_txt2img(args):
+    """A whole text-to-image run (text encoder, sampling loop, VAE decode) against diffusers' StableDiffusionPipeline
+    on the same random weights and the same initial noise, alternating; per-stage times for minisd."""
+    import convert_weights as cw
+    from diffusers import StableDiffusionPipeline
+    from sampler import txt2img
+    with tempfile.TemporaryDirectory() as folder:
+        save_random_pipeline(args.preset, folder)
+        ours = cw.load_pipeline(folder, dtype=DTYPES[args.dtype], device=args.device)
+        ref = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=DTYPES[args.dtype], local_files_only=True)
+    ref = ref.to(args.device)
+    ref.set_progress_bar_config(disable=True)
+    prompt, f = "a photograph of an astronaut riding a horse", ours.vae_cfg.downsample_factor
+    latents = torch.randn(1, 4, args.size // f, args.size // f, generator=torch.Generator().manual_seed(0))
+    times, stages = {"minisd": [], "diffusers": []}, []
+    for _ in range(args.reps + 1):  # the first round warms up and is not counted
+        sync(args)
+        t0 = time.perf_counter()
+        r = txt2img(ours, prompt, steps=args.steps, height=args.size, width=args.size, latents=latents,
+                    progress=False)
+        sync(args)
+        times["minisd"].append(time.perf_counter() - t0)
+        stages.append(r.times)
+        t0 = time.perf_counter()
+        img = ref(prompt, num_inference_steps=args.steps, height=args.size, width=args.size,
+                  latents=latents.to(args.device, DTYPES[args.dtype]), output_type="np").images
+        sync(args)
+        times["diffusers"].append(time.perf_counter() - t0)
+    diff = (torch.from_numpy(img * 255).round() - r.images.float()).abs().max().item()
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    print(f"txt2img, {args.preset}, {args.size}x{args.size}, {args.steps} PNDM steps, guidance 7.5 (batch 2 in the "
+          f"U-Net), {args.dtype}, {args.device}, {torch.get_num_threads()} threads, median of {args.reps} "
+          f"(max pixel difference {diff:.0f}/255)")
+    for k, v in times.items():
+        print(f"  {k:10s} {med[k]:8.2f} s   (runs: {', '.join(f'{s:.2f}' for s in v[1:])})")
+    print("  minisd stages: " + ", ".join(f"{k} {statistics.median(s[k] for s in stages[1:]):.2f} s"
+                                          for k in stages[-1]))
+    print(f"  speed-up of minisd over diffusers: {med['diffusers'] / med['minisd']:.3f}x")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--preset", default="sd-v1", choices=list(PRESETS))
@@ -143,11 +240,22 @@ if __name__ == "__main__":
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
     ap.add_argument("--qkv", action="store_true", help="benchmark fused vs separate q/k/v projections")
+    ap.add_argument("--load", action="store_true", help="benchmark loading a saved pipeline")
+    ap.add_argument("--txt2img", action="store_true", help="benchmark a whole text-to-image run")
+    ap.add_argument("--size", type=int, default=256, help="--txt2img: image side in pixels")
+    ap.add_argument("--steps", type=int, default=10, help="--txt2img: sampling steps")
     ap.add_argument("--peak-rss", help=argparse.SUPPRESS)
+    ap.add_argument("--load-once", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.peak_rss:
         peak_rss(args)
+    elif args.load_once:
+        load_once(*args.load_once, args.dtype)
+    elif args.load:
+        bench_load(args)
+    elif args.txt2img:
+        bench_txt2img(args)
     elif args.qkv:
         bench_qkv(args)
     else:

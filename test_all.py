@@ -1,32 +1,47 @@
 """
 The minisd test suite. Run:  python -m pytest -q test_all.py
 
-Tier A (always): shapes, exact parameter and MAC counts, closed-form attention maths, tiling geometry,
-error messages. Tier B (when the oracles from requirements-dev.txt are installed): numerical parity with
+Tier A (always): shapes, exact parameter and MAC counts, closed-form attention and sampler maths, tiling geometry,
+key renaming round trips, safe loading, error messages, downloads from a fake hub on 127.0.0.1, the CLIs. Tier B (when the oracles from requirements-dev.txt are installed): numerical parity with
 diffusers / transformers built from the same config and the same random weights, loaded with strict=True.
 The CLIP vocabulary comes from the clip-anytorch wheel (pip install --no-deps clip-anytorch==2.6.0);
 tests that need it skip without it.
 "Relative error" below is max|ours - reference| / max|reference|, the standard's fp32 bound is 1e-4.
-No test downloads anything: every model is built here with random weights.
+No test downloads anything: every model is built here with random weights and saved in the official layouts.
 """
 import copy
+import hashlib
+import http.server
 import json
+import os
+import random
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import urllib.parse
 import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import clip_text
+import convert_weights as cw
+import sampler
 import unet
 import vae
 from clip_text import CLIPTextModel, Tokenizer, find_openai_vocab, openai_vocab
+from convert_weights import COMPLETE, cache_dir, cached, download
+from sampler import DDIM, PNDM, SAMPLERS, SamplerConfig
 from unet import PRESETS, UNet, UNetConfig, attention, tiled_attention
 from vae import AutoencoderKL, DiagonalGaussian
 
@@ -661,3 +676,1051 @@ def test_vae_cli_smoke_run_is_labelled():
     assert out.returncode == 0, out.stderr
     assert "RANDOM weights" in out.stdout and "334,383 parameters" in out.stdout
     assert "-> (1, 3, 64, 64)" in out.stdout
+
+# -----------------------------------------------------------------------------
+# convert_weights.py: shared helpers
+
+BK = ["bk-base", "bk-small", "bk-tiny"]
+
+
+def random_unet_sd(cfg, seed=0):
+    torch.manual_seed(seed)
+    return unet.UNet(cfg).state_dict()
+
+
+def meta_sd(model_cls, cfg):
+    with torch.device("meta"):
+        return model_cls(cfg).state_dict()
+
+
+def shapes(sd):
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def assert_same_tensors(a, b):
+    assert set(a) == set(b), sorted(set(a) ^ set(b))[:10]
+    for k in a:
+        assert a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
+
+
+def script_numbering(sd):
+    """Our U-Net keys -> LDM keys numbered as diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py
+    numbers them for any model: SD v1's hard-coded 3*i+j+1 / 3*i+j, upsampler at output_blocks.{3i+2}.{1 or 2}.
+    For a BK model that leaves gaps (and, for BK-Tiny, an upsampler in an index that holds no resnet)."""
+    table = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
+             ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
+             ("mid_block.resnets.0.", "middle_block.0."), ("mid_block.attentions.0.", "middle_block.1."),
+             ("mid_block.resnets.1.", "middle_block.2.")]
+    for i in range(4):
+        for j in range(3):
+            table += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{3 * i + j + 1}.0."),
+                      (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{3 * i + j + 1}.1."),
+                      (f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{3 * i + j}.0."),
+                      (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{3 * i + j}.1.")]
+        table += [(f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{3 * (i + 1)}.0.op."),
+                  (f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.")]
+    resnet = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+              ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
+    out = {}
+    for k, v in sd.items():
+        ours, ldm = next((a, b) for a, b in table if k.startswith(a))
+        rest = k[len(ours):]
+        if ".resnets." in ours:
+            rest = next((b + rest[len(a):] for a, b in resnet if rest.startswith(a + ".")), rest)
+        out[ldm + rest] = v
+    return out
+
+# -----------------------------------------------------------------------------
+# convert_weights.py: U-Net LDM <-> ours, against diffusers' own converter
+
+
+@pytest.mark.parametrize("preset", ["sd-v1", *BK])
+def test_unet_ldm_layout_full_size_matches_diffusers_converter(preset):
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    cfg = unet.PRESETS[preset]
+    ours = meta_sd(unet.UNet, cfg)
+    ldm = cw.unet_to_ldm(ours)
+    assert len(ldm) == len(ours) and all(k.startswith(("input_blocks.", "middle_block.", "output_blocks.",
+                                                      "time_embed.", "out.")) for k in ldm)
+    assert not any(n in k for k in ldm for n in (".conv1.", ".conv2.", "time_emb_proj", "conv_shortcut", "resnets",
+                                                 "attentions", "samplers"))  # every diffusers name translated
+    ckpt = {"model.diffusion_model." + k: v for k, v in ldm.items()}
+    theirs = sfu.convert_ldm_unet_checkpoint(ckpt, cfg.to_diffusers())
+    assert shapes(theirs) == shapes(ours) == shapes(cw.unet_from_ldm(ldm))
+    assert cw.unet_config_from_keys(cw.unet_from_ldm(ldm)) == cfg  # every preset is recognised from its shapes
+    if preset == "sd-v1":  # spot-check SD v1's well-known numbering (STYLE.md appendix A)
+        assert {"input_blocks.3.0.op.weight", "input_blocks.4.1.proj_in.weight", "output_blocks.2.1.conv.weight",
+                "output_blocks.5.2.conv.weight", "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+                "input_blocks.1.0.in_layers.2.weight", "output_blocks.3.0.skip_connection.weight"} <= set(ldm)
+
+
+@pytest.mark.parametrize("preset", ["tiny-test", *BK])
+def test_unet_ldm_values_match_diffusers_converter_and_round_trip(preset):
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    cfg = narrow(unet.PRESETS[preset])
+    ours = random_unet_sd(cfg)
+    ldm = cw.unet_to_ldm(ours)
+    ckpt = {"model.diffusion_model." + k: v for k, v in ldm.items()}
+    theirs = sfu.convert_ldm_unet_checkpoint(ckpt, cfg.to_diffusers())
+    assert_same_tensors(cw.unet_from_ldm(ldm), theirs)
+    assert_same_tensors(cw.unet_from_ldm(ldm), ours)  # dense numbering: exact round trip
+    if preset == "tiny-test":  # the LDM names themselves, against the test's own table (SD v1 topology)
+        assert ldm.keys() == script_numbering(ours).keys()
+
+
+@pytest.mark.parametrize("preset", ["sd-v1", *BK])
+def test_unet_sd_v1_numbering_with_gaps_loads(preset):
+    # what diffusers' export script writes for a BK model: SD v1's indices with holes
+    cfg = unet.PRESETS[preset]
+    full = meta_sd(unet.UNet, cfg)
+    gapped = script_numbering(full)
+    if preset == "sd-v1":
+        assert gapped.keys() == cw.unet_to_ldm(full).keys()  # for SD v1 both numberings coincide
+    else:
+        assert gapped.keys() != cw.unet_to_ldm(full).keys()
+    assert cw.unet_config_from_keys(cw.unet_from_ldm(gapped)) == cfg
+    small = random_unet_sd(narrow(cfg))  # and the values land where they belong
+    assert_same_tensors(cw.unet_from_ldm(script_numbering(small)), small)
+
+
+def test_block_removed_single_file_infers_the_architecture_and_arch_overrides(tmp_path, capsys):
+    sd = meta_sd(unet.UNet, unet.PRESETS["bk-tiny"])
+    assert cw.infer_config("unet", sd, "f") == unet.PRESETS["bk-tiny"]
+    assert "preset bk-tiny" in capsys.readouterr().err
+    # a toy-width BK-Small: no preset has its shapes, so heads default to 8 and the closest preset is named
+    cfg = narrow(unet.PRESETS["bk-small"])
+    got = cw.infer_config("unet", random_unet_sd(cfg), "f")
+    assert got.layers_per_block == (1, 1, 1, 1) and not got.mid_block and got.num_heads == (8, 8, 8, 8)
+    assert "matches no preset (closest: " in capsys.readouterr().err
+    # --arch wins over inference
+    assert cw.read_configs(tmp_path / "x.ckpt", {"unet": sd}, arch="bk-tiny")["unet"] == unet.PRESETS["bk-tiny"]
+
+# -----------------------------------------------------------------------------
+# convert_weights.py: VAE and CLIP
+
+
+def test_vae_ldm_layout_matches_diffusers_converter():
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    for preset in ("sd-v1", "tiny-test"):
+        cfg = vae.PRESETS[preset]
+        if preset == "sd-v1":
+            ours = meta_sd(vae.AutoencoderKL, cfg)
+        else:
+            torch.manual_seed(0)
+            ours = vae.AutoencoderKL(cfg).state_dict()
+        ldm = cw.vae_to_ldm(ours)
+        # LDM's AttnBlock: 1x1 convs, biases stay [C] (diffusers#6226); decoder stages numbered from the narrowest
+        c = cfg.block_out_channels[-1]
+        assert ldm["encoder.mid.attn_1.q.weight"].shape == (c, c, 1, 1)
+        assert ldm["decoder.mid.attn_1.proj_out.bias"].shape == (c,)
+        assert ldm["decoder.up.3.block.0.conv1.weight"].shape == ours["decoder.up_blocks.0.resnets.0.conv1.weight"].shape
+        assert "decoder.up.1.block.0.nin_shortcut.weight" in ldm and "encoder.norm_out.weight" in ldm
+        theirs = sfu.convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in ldm.items()},
+                                                cw.vae_config_to_diffusers(cfg))
+        mine = cw.to_ours("vae", "ldm", ldm)
+        assert shapes(mine) == shapes(theirs) == shapes(ours)
+        if preset == "tiny-test":
+            assert_same_tensors(mine, theirs)
+            assert_same_tensors(mine, ours)
+
+
+def test_old_diffusers_vae_attention_names_load():
+    torch.manual_seed(0)
+    ours = vae.AutoencoderKL(vae.PRESETS["tiny-test"]).state_dict()
+    old = {k.replace("to_q.", "query.").replace("to_k.", "key.").replace("to_v.", "value.")
+           .replace("to_out.0.", "proj_attn."): v for k, v in ours.items()}
+    assert "encoder.mid_block.attentions.0.query.weight" in old
+    assert_same_tensors(cw.split_components(cw.from_checkpoint(old))["vae"], ours)
+
+
+def test_clip_single_file_matches_diffusers_converter():
+    sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
+    torch.manual_seed(0)
+    ours = clip_text.CLIPTextModel(clip_text.PRESETS["tiny-test"]).state_dict()
+    ckpt = {"cond_stage_model.transformer." + k: v for k, v in ours.items()}
+    ckpt["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    theirs = sfu.convert_ldm_clip_checkpoint(ckpt)
+    theirs.pop("text_model.embeddings.position_ids")  # a buffer we do not keep
+    assert_same_tensors(cw.split_components(cw.from_checkpoint(ckpt))["text_encoder"], theirs)
+    # transformers 5 saves without `text_model.`: same result
+    t5 = {k.removeprefix("text_model."): v for k, v in ours.items()}
+    assert_same_tensors(cw.split_components(cw.from_checkpoint(t5))["text_encoder"], ours)
+
+# -----------------------------------------------------------------------------
+# convert_weights.py: whole single files: EMA, wrapper prefixes, round trips
+
+
+@pytest.fixture(scope="module")
+def tiny_parts():
+    """Our three tiny-test models with random weights, as a load_state_dict_any-style dict, and their configs."""
+    torch.manual_seed(0)
+    cfgs = {"unet": unet.PRESETS["tiny-test"], "vae": vae.PRESETS["tiny-test"],
+            "text_encoder": clip_text.PRESETS["tiny-test"]}
+    models = {"unet": unet.UNet(cfgs["unet"]), "vae": vae.AutoencoderKL(cfgs["vae"]),
+              "text_encoder": clip_text.CLIPTextModel(cfgs["text_encoder"])}
+    sd = {f"{c}.{k}": v for c, m in models.items() for k, v in m.state_dict().items()}
+    return sd, cfgs
+
+
+def ldm_file_dict(sd):
+    parts = cw.split_components(sd)
+    return {**{"model.diffusion_model." + k: v for k, v in cw.unet_to_ldm(parts["unet"]).items()},
+            **{"first_stage_model." + k: v for k, v in cw.vae_to_ldm(parts["vae"]).items()},
+            **{"cond_stage_model.transformer." + k: v for k, v in parts["text_encoder"].items()}}
+
+
+def test_ema_weights_are_used_when_present(tiny_parts, tmp_path, capsys):
+    sd, _ = tiny_parts
+    raw = ldm_file_dict(sd)
+    ema = {"model_ema." + "".join(k.split(".")[1:]): v + 1 for k, v in raw.items()
+           if k.startswith("model.diffusion_model.")}
+    assert "model_ema.diffusion_modelinput_blocks00weight" in ema  # LDM's dot-less naming
+    ckpt = {**raw, **ema, "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(10),
+            "betas": torch.linspace(0, 1, 1000), "alphas_cumprod": torch.ones(1000)}
+    torch.save({"state_dict": ckpt, "global_step": 10}, tmp_path / "ema.ckpt")
+    got = cw.split_components(cw.load_state_dict_any(tmp_path / "ema.ckpt"))
+    assert "EMA" in capsys.readouterr().err
+    ours = cw.split_components(sd)
+    assert_same_tensors(got["unet"], {k: v + 1 for k, v in ours["unet"].items()})
+    assert_same_tensors(got["vae"], ours["vae"])  # only the U-Net has EMA twins
+
+
+def test_wrapper_prefixes_are_stripped(tiny_parts):
+    sd, _ = tiny_parts
+    raw = ldm_file_dict(sd)
+    wrapped = {("module._orig_mod." + k if "diffusion_model" in k
+                else k.replace("transformer.", "transformer._orig_mod.")): v for k, v in raw.items()}
+    assert_same_tensors(cw.from_checkpoint(wrapped), cw.from_checkpoint(raw))
+    assert cw.strip_wrappers("module.unet._orig_mod.conv_in.weight") == "unet.conv_in.weight"
+
+
+@pytest.mark.parametrize("preset", ["tiny-test", *BK])
+def test_round_trip_diffusers_single_file_diffusers_is_exact(preset, tmp_path):
+    cfg = narrow(unet.PRESETS[preset]) if preset != "tiny-test" else unet.PRESETS[preset]
+    ours = {"unet." + k: v for k, v in random_unet_sd(cfg).items()}
+    cw.to_diffusers(ours, tmp_path / "a", components=("unet",), configs={"unet": cfg})
+    a = cw.load_state_dict_any(tmp_path / "a" / "unet")
+    cw.to_single_file(a, tmp_path / "b.safetensors", components=("unet",), configs={"unet": cfg})
+    b = cw.load_state_dict_any(tmp_path / "b.safetensors")
+    assert cw.read_configs(tmp_path / "b.safetensors", cw.split_components(b))["unet"] == cfg  # from metadata
+    cw.to_diffusers(b, tmp_path / "c", components=("unet",), configs={"unet": cfg})
+    assert_same_tensors(cw.load_state_dict_any(tmp_path / "c" / "unet"), ours)
+    assert UNetConfigFromJson(tmp_path / "c" / "unet" / "config.json") == cfg
+
+
+def UNetConfigFromJson(path):
+    return unet.UNetConfig.from_diffusers(json.loads(Path(path).read_text()))
+
+
+def test_single_file_layout_and_metadata(tiny_parts, tmp_path):
+    sd, cfgs = tiny_parts
+    cw.to_single_file(sd, tmp_path / "m.safetensors", dtype=torch.float16, configs=cfgs)
+    with safe_open(tmp_path / "m.safetensors", "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        assert f.get_tensor("model.diffusion_model.out.2.weight").dtype == torch.float16
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
+    assert "first_stage_model.decoder.mid.attn_1.k.weight" in keys
+    assert "cond_stage_model.transformer.text_model.final_layer_norm.weight" in keys
+    assert json.loads(meta["minisd_unet_config"])["num_heads"] == list(cfgs["unet"].num_heads)
+
+# -----------------------------------------------------------------------------
+# convert_weights.py: load_pipeline
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tiny_parts, vocab_gz, tmp_path_factory):
+    """A diffusers folder written by diffusers' own StableDiffusionPipeline.save_pretrained, holding our weights."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    sd, cfgs = tiny_parts
+    parts = cw.split_components(sd)
+    d = tmp_path_factory.mktemp("sdpipe")
+    tokdir = d / "tok"
+    cw.write_tokenizer(tokdir, vocab_gz)
+    with torch.device("meta"):
+        u = diffusers.UNet2DConditionModel(**{k: v for k, v in cfgs["unet"].to_diffusers().items()
+                                              if k[0] != "_"})
+        a = diffusers.AutoencoderKL(**{k: v for k, v in cw.vae_config_to_diffusers(cfgs["vae"]).items() if k[0] != "_"})
+        t = transformers.CLIPTextModel(transformers.CLIPTextConfig(**asdict(cfgs["text_encoder"])))
+    u.load_state_dict(parts["unet"], strict=True, assign=True)
+    a.load_state_dict(parts["vae"], strict=True, assign=True)
+    t.load_state_dict({k.removeprefix("text_model."): v for k, v in parts["text_encoder"].items()}, strict=True,
+                      assign=True)  # transformers 5 names: no `text_model.`
+    pipe = diffusers.StableDiffusionPipeline(vae=a, text_encoder=t,
+                                             tokenizer=transformers.CLIPTokenizer.from_pretrained(tokdir),
+                                             unet=u, scheduler=diffusers.PNDMScheduler.from_config(cw.SD_V1_SCHEDULER),
+                                             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(d / "pipe")
+    return d / "pipe"
+
+
+def test_load_pipeline_from_a_diffusers_folder(tiny_parts, sd_folder):
+    sd, cfgs = tiny_parts
+    p = cw.load_pipeline(sd_folder)
+    assert (p.unet_cfg, p.vae_cfg, p.text_cfg) == (cfgs["unet"], cfgs["vae"], cfgs["text_encoder"])
+    got = {f"{c}.{k}": v for c, m in (("unet", p.unet), ("vae", p.vae), ("text_encoder", p.text_encoder))
+           for k, v in m.state_dict().items()}
+    assert_same_tensors(got, sd)
+    for m in (p.unet, p.vae, p.text_encoder):
+        assert not m.training and not any(t.is_meta for t in [*m.parameters(), *m.buffers()])
+    assert p.scheduler_config["steps_offset"] == 1 and p.name == str(sd_folder)
+    assert p.tokenizer("a photograph of an astronaut riding a horse")[0, :3].tolist() == [49406, 320, 8853]
+    with torch.no_grad():  # a forward pass through each loaded model works
+        ctx = p.text_encoder(p.tokenizer("a cat"))
+        eps = p.unet(torch.randn(1, 4, 16, 16), 10, ctx)
+        assert torch.isfinite(p.vae.decode(eps)).all()
+    half = cw.load_pipeline(sd_folder, dtype="bf16")
+    assert {t.dtype for t in half.unet.parameters()} == {torch.bfloat16}
+
+
+def test_load_pipeline_single_file_equals_folder(sd_folder, tmp_path, capsys):
+    a = cw.load_pipeline(sd_folder)
+    cw.to_single_file(a, tmp_path / "m.safetensors")
+    b = cw.load_pipeline(tmp_path / "m.safetensors", tokenizer=sd_folder / "tokenizer")
+    for x, y in ((a.unet, b.unet), (a.vae, b.vae), (a.text_encoder, b.text_encoder)):
+        assert_same_tensors(x.state_dict(), y.state_dict())
+    assert (b.unet_cfg, b.vae_cfg, b.text_cfg) == (a.unet_cfg, a.vae_cfg, a.text_cfg)
+    # without our metadata (an LDM .ckpt): architecture inferred from shapes, the tiny-test presets recognised
+    torch.save({"state_dict": ldm_file_dict(cw.load_state_dict_any(tmp_path / "m.safetensors"))}, tmp_path / "m.ckpt")
+    c = cw.load_pipeline(tmp_path / "m.ckpt", tokenizer=sd_folder / "tokenizer")
+    assert c.unet_cfg == unet.PRESETS["tiny-test"] and c.vae_cfg == vae.PRESETS["tiny-test"]
+    assert c.text_cfg == clip_text.PRESETS["tiny-test"] and "preset tiny-test" in capsys.readouterr().err
+    assert_same_tensors(c.unet.state_dict(), a.unet.state_dict())
+
+
+def test_to_diffusers_output_loads_in_diffusers(sd_folder, tmp_path, monkeypatch):
+    diffusers = pytest.importorskip("diffusers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = cw.load_pipeline(sd_folder)
+    cw.to_diffusers(p, tmp_path / "out", tokenizer=sd_folder / "tokenizer")
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "out", local_files_only=True)
+    assert_same_tensors(ref.unet.state_dict(), p.unet.state_dict())
+    assert_same_tensors(ref.vae.state_dict(), p.vae.state_dict())
+    assert ref.unet.config.attention_head_dim == [2, 2, 4, 4] and ref.unet.config.layers_per_block == 2
+    x, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert torch.allclose(ref.unet(x, 10, ctx).sample, p.unet(x, 10, ctx), atol=1e-5)
+    assert ref.tokenizer("a cat").input_ids == p.tokenizer("a cat")[0, :4].tolist()
+
+def test_our_single_file_loads_in_diffusers_from_single_file(sd_folder, tmp_path, monkeypatch):
+    # an independent check of the exported LDM names: diffusers' own single-file loader reads them back
+    diffusers = pytest.importorskip("diffusers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    p = cw.load_pipeline(sd_folder)
+    cw.to_single_file(p, tmp_path / "m.safetensors")
+    ref = diffusers.StableDiffusionPipeline.from_single_file(str(tmp_path / "m.safetensors"), config=str(sd_folder),
+                                                             local_files_only=True)
+    assert_same_tensors(ref.unet.state_dict(), p.unet.state_dict())
+    assert_same_tensors(ref.vae.state_dict(), p.vae.state_dict())
+    text = {k.removeprefix("text_model."): v for k, v in p.text_encoder.state_dict().items()}
+    assert_same_tensors({k: v for k, v in ref.text_encoder.state_dict().items() if k in text}, text)
+
+
+# -----------------------------------------------------------------------------
+# convert_weights.py: safety and clear errors
+
+
+class Evil:
+    """A pickle payload: unpickling it would call os.system and create the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {"model.diffusion_model.out.2.weight": torch.zeros(1)}, "x": Evil(marker)},
+               tmp_path / "evil.ckpt")
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="refused to unpickle.*weights_only.*safetensors"):
+        cw.load_state_dict_any(tmp_path / "evil.ckpt")
+    assert not marker.exists()
+
+
+def test_lightning_callback_state_in_a_ckpt_is_tolerated(tmp_path):
+    # LDM-era .ckpt files written by old pytorch_lightning key their callback state by the ModelCheckpoint class;
+    # we allow-list an inert stand-in for that one name. Craft such a pickle with a fake module of that name.
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    mods = {n: type(sys)(n) for n in names}
+    cls = type("ModelCheckpoint", (), {"__module__": names[-1]})
+    mods[names[-1]].ModelCheckpoint = cls
+    sys.modules.update(mods)
+    try:
+        torch.save({"state_dict": {"betas": torch.zeros(3), "model.diffusion_model.out.2.weight": torch.ones(2)},
+                    "callbacks": {cls: {"best_model_score": torch.tensor(0.5), "best_model_path": "x.ckpt"}}},
+                   tmp_path / "cb.ckpt")
+    finally:
+        for n in names:
+            del sys.modules[n]
+    assert torch.equal(cw.load_state_dict_any(tmp_path / "cb.ckpt")["unet.conv_out.weight"], torch.ones(2))
+
+
+def test_truncated_or_corrupt_safetensors_names_the_file_and_problem(tmp_path):
+    f = tmp_path / "unet.safetensors"
+    save_file({"conv_in.weight": torch.randn(32, 4, 3, 3), "conv_out.weight": torch.randn(4, 32, 3, 3)}, f)
+    data = f.read_bytes()
+    f.write_bytes(data[:-100])
+    with pytest.raises(ValueError, match=r"unet\.safetensors.*tensor data ends at byte .* truncated"):
+        cw.load_state_dict_any(f)
+    f.write_bytes(data[:20])
+    with pytest.raises(ValueError, match=r"unet\.safetensors.*header claims"):
+        cw.load_state_dict_any(f)
+    f.write_bytes(data[:8] + b"{" * (len(data) - 8))
+    with pytest.raises(ValueError, match=r"unet\.safetensors.*does not parse"):
+        cw.load_state_dict_any(f)
+    (tmp_path / "t.ckpt").write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(ValueError, match=r"t\.ckpt: cannot read"):
+        cw.load_state_dict_any(tmp_path / "t.ckpt")
+
+
+def test_unknown_layout_lists_the_prefixes_seen(tmp_path):
+    save_file({"backbone.layer1.weight": torch.zeros(2), "head.fc.bias": torch.zeros(2)}, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match=r"unknown layout.*backbone\.layer1.*head\.fc"):
+        cw.load_state_dict_any(tmp_path / "x.safetensors")
+
+
+def test_wrong_architecture_names_missing_unexpected_and_the_closest_preset(tmp_path):
+    sd = meta_sd(unet.UNet, unet.PRESETS["bk-small"])
+    with pytest.raises(ValueError) as e:
+        cw.check_keys("unet", unet.PRESETS["sd-v1"], sd, "bk.safetensors")
+    msg = str(e.value)
+    assert "bk.safetensors" in msg and "most resemble preset 'bk-small'" in msg
+    assert "'down_blocks.0.resnets.1': 10" in msg and "'mid_block.resnets.0': 10" in msg and "unexpected (0)" in msg
+    sd = meta_sd(unet.UNet, unet.PRESETS["sd-v1"])  # wrong shapes are named too
+    with pytest.raises(ValueError, match=r"wrong shape \(\d+\).*file \(320, 4, 3, 3\) vs model \(32, 4, 3, 3\)"):
+        cw.check_keys("unet", unet.PRESETS["tiny-test"], sd, "x")
+
+
+def test_load_pipeline_with_wrong_arch_or_missing_parts(sd_folder, tmp_path):
+    p = cw.load_pipeline(sd_folder)
+    cw.to_single_file(p, tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="most resemble preset 'tiny-test'"):
+        cw.load_pipeline(tmp_path / "m.safetensors", arch="bk-small", tokenizer=sd_folder / "tokenizer")
+    cw.to_single_file(p, tmp_path / "u.safetensors", components=("unet",))
+    with pytest.raises(ValueError, match=r"no \['vae', 'text_encoder'\] weights"):
+        cw.load_pipeline(tmp_path / "u.safetensors", tokenizer=sd_folder / "tokenizer")
+
+
+def test_weight_file_choice_in_a_diffusers_component_folder(tmp_path):
+    t = {"conv_in.weight": torch.zeros(1)}
+    save_file(t, tmp_path / "diffusion_pytorch_model.fp16.safetensors")
+    assert cw.weight_files(tmp_path) == [tmp_path / "diffusion_pytorch_model.fp16.safetensors"]  # the only one
+    torch.save(t, tmp_path / "diffusion_pytorch_model.bin")
+    assert cw.weight_files(tmp_path) == [tmp_path / "diffusion_pytorch_model.bin"]  # a plain file beats a variant
+    assert torch.equal(cw.load_state_dict_any(tmp_path)["unet.conv_in.weight"], t["conv_in.weight"])  # via torch.load
+    save_file(t, tmp_path / "diffusion_pytorch_model.safetensors")
+    assert cw.weight_files(tmp_path) == [tmp_path / "diffusion_pytorch_model.safetensors"]
+
+# -----------------------------------------------------------------------------
+# convert_weights.py: the command line
+
+
+def test_cli_converts_a_single_file_to_diffusers(tiny_parts, tmp_path):
+    sd, cfgs = tiny_parts
+    torch.save({"state_dict": ldm_file_dict(sd)}, tmp_path / "in.ckpt")
+    run = subprocess.run([sys.executable, str(HERE / "convert_weights.py"), str(tmp_path / "in.ckpt"), "--out",
+                          str(tmp_path / "out"), "--to", "diffusers", "--dtype", "fp16", "--component", "unet"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "preset tiny-test" in run.stderr
+    out = load_file(tmp_path / "out" / "unet" / "diffusion_pytorch_model.safetensors")
+    ref = cw.split_components(sd)["unet"]
+    assert out.keys() == ref.keys() and all(v.dtype == torch.float16 for v in out.values())
+    assert torch.equal(out["conv_in.weight"], ref["conv_in.weight"].half())
+    assert UNetConfigFromJson(tmp_path / "out" / "unet" / "config.json") == cfgs["unet"]
+    assert not (tmp_path / "out" / "vae").exists()
+
+
+def test_cli_errors_are_one_line_and_download_is_wired(tmp_path):
+    cli = [sys.executable, str(HERE / "convert_weights.py")]
+    run = subprocess.run(cli + [str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o")], capture_output=True,
+                         text=True)
+    assert run.returncode == 1 and run.stderr.strip() == f"error: {tmp_path / 'missing.ckpt'}: no such file or folder"
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9")  # nothing listens there: fails at once, offline
+    run = subprocess.run(cli + ["download", "nota-ai/bk-sdm-small", "--root", str(tmp_path)], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert run.returncode == 1 and "error: " in run.stderr and "127.0.0.1:9" in run.stderr
+
+# -----------------------------------------------------------------------------
+# convert_weights.py: fetching models from a fake Hugging Face Hub on 127.0.0.1 (nothing goes online)
+
+
+def _random_bytes(n, seed):
+    return random.Random(seed).randbytes(n)
+
+
+# What a pipeline needs (text_encoder has only a .bin, as old repos do), then what it must never fetch.
+PIPELINE_FILES = {
+    "model_index.json": b'{"_class_name": "StableDiffusionPipeline"}',
+    "scheduler/scheduler_config.json": b'{"_class_name": "PNDMScheduler"}',
+    "tokenizer/vocab.json": b'{"a": 0}', "tokenizer/merges.txt": b"#version: 0.2\n",
+    "tokenizer/special_tokens_map.json": b"{}", "tokenizer/tokenizer_config.json": b"{}",
+    "text_encoder/config.json": b"{}", "text_encoder/pytorch_model.bin": _random_bytes(50_000, 1),
+    "unet/config.json": b"{}", "unet/diffusion_pytorch_model.safetensors": _random_bytes(300_000, 2),
+    "vae/config.json": b"{}", "vae/diffusion_pytorch_model.safetensors": _random_bytes(100_000, 3),
+}
+OTHER_FILES = {
+    "README.md": b"# card", "bk-sdm-small.zip": _random_bytes(1000, 4), "sd-v1-4.ckpt": _random_bytes(1000, 5),
+    "unet/diffusion_pytorch_model.bin": _random_bytes(1000, 6),
+    "unet/diffusion_pytorch_model.fp16.safetensors": _random_bytes(1000, 7),
+    "unet/diffusion_pytorch_model.non_ema.safetensors": _random_bytes(1000, 8),
+    "vae/diffusion_pytorch_model.fp16.bin": b"x",
+    "safety_checker/config.json": b"{}", "safety_checker/model.safetensors": _random_bytes(1000, 9),
+    "feature_extractor/preprocessor_config.json": b"{}",
+}
+FAKE_REPO, FAKE_GATED, FAKE_BARE = "owner/sd", "owner/gated", "owner/bare"  # BARE: no diffusers pipeline in it
+FAKE_TOKEN, UNET_FILE = "hf_secret", "unet/diffusion_pytorch_model.safetensors"
+
+
+def _sibling(name, data):
+    """A file as the hub's API lists it with ?blobs=true; git-LFS files also carry their sha256."""
+    lfs = name.endswith((".bin", ".safetensors", ".zip", ".ckpt"))
+    return {"rfilename": name, "size": len(data),
+            "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} if lfs else None}
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A fake hub serving the FAKE_ repos. Knobs: drop_once (files cut off half-way once), corrupt (files whose
+    served bytes differ from the API's sha256), ignore_range, no_sizes (an API without blob metadata).
+    Logs every request as (path, Range header, Authorization header)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "no-hf-cache"))  # hermetic: ignore the user's real caches
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
+        monkeypatch.delenv(var, raising=False)
+    state = dict(log=[], drop_once=set(), corrupt=set(), ignore_range=False, no_sizes=False)
+    files = {**PIPELINE_FILES, **OTHER_FILES}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def send(self, code, body=b"", headers=()):
+            self.send_response(code)
+            for k, v in [("Content-Length", str(len(body))), *headers]:
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            path = urllib.parse.urlsplit(self.path).path
+            state["log"].append((path, self.headers.get("Range"), self.headers.get("Authorization")))
+            if path.startswith("/api/models/"):
+                repo = path[len("/api/models/"):].split("/revision/")[0]
+                if repo not in (FAKE_REPO, FAKE_GATED, FAKE_BARE):
+                    return self.send(404, headers=[("X-Error-Code", "RepoNotFound")])
+                sib = [{"rfilename": n} if state["no_sizes"] else _sibling(n, b)
+                       for n, b in (OTHER_FILES if repo == FAKE_BARE else files).items()]
+                return self.send(200, json.dumps({"id": repo, "sha": "c0ffee", "siblings": sib}).encode())
+            if path.startswith("/cdn/"):  # where LFS files redirect to, as the real hub's CDN
+                return self.serve(path[len("/cdn/"):])
+            owner, name, _, rev, fname = urllib.parse.unquote(path).lstrip("/").split("/", 4)
+            assert rev == "c0ffee", "files must be fetched at the API's commit"
+            if f"{owner}/{name}" == FAKE_GATED and self.headers.get("Authorization") != f"Bearer {FAKE_TOKEN}":
+                return self.send(401, headers=[("X-Error-Code", "GatedRepo")])
+            if fname.endswith(".safetensors"):
+                return self.send(302, headers=[("Location", f"/cdn/{fname}")])
+            self.serve(fname)
+
+        def serve(self, fname):
+            body = files[fname] if fname not in state["corrupt"] else files[fname][::-1]
+            rng = self.headers.get("Range")
+            start = int(rng[len("bytes="):-1]) if rng and not state["ignore_range"] else 0
+            if start >= len(body) > 0:
+                return self.send(416)
+            code, extra = (206, [("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")]) if start else \
+                (200, [])
+            if fname in state["drop_once"]:  # promise the whole file, send half, hang up
+                state["drop_once"].discard(fname)
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(body) - start))
+                self.end_headers()
+                self.wfile.write(body[start:len(body) // 2])
+                return
+            self.send(code, body[start:], extra)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}"
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+def _fetched_files(log):
+    return {p.split("/resolve/c0ffee/")[1] for p, _, _ in log if "/resolve/" in p}
+
+
+def _files_in(folder):
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_download_fetches_exactly_the_pipeline_files(fake_hub, tmp_path, capsys):
+    dest = download(FAKE_REPO, root=tmp_path, endpoint=fake_hub["url"], token=FAKE_TOKEN)
+    assert dest == tmp_path / "owner--sd" and cached(FAKE_REPO, root=tmp_path) == dest
+    assert _files_in(dest) == set(PIPELINE_FILES) | {COMPLETE}
+    assert all((dest / n).read_bytes() == b for n, b in PIPELINE_FILES.items())
+    # never asked for: fp16 / non_ema variants, a .bin beside a .safetensors, safety_checker, the .zip and .ckpt
+    assert _fetched_files(fake_hub["log"]) == set(PIPELINE_FILES)
+    assert json.loads((dest / COMPLETE).read_text())["commit"] == "c0ffee"
+    # the token goes to the hub, but not to the CDN that LFS files redirect to
+    assert all(auth == f"Bearer {FAKE_TOKEN}" for p, _, auth in fake_hub["log"] if "/resolve/" in p)
+    assert all(auth is None for p, _, auth in fake_hub["log"] if p.startswith("/cdn/"))
+    err = capsys.readouterr().err
+    assert "diffusion_pytorch_model.safetensors: 0.3/0.3 MB" in err and "MB/s" in err
+    # a second run finds every file intact and transfers nothing
+    fake_hub["log"].clear()
+    download(FAKE_REPO, root=tmp_path, endpoint=fake_hub["url"], progress=False)
+    assert _fetched_files(fake_hub["log"]) == set() and capsys.readouterr().err == ""
+
+
+def test_interrupted_download_resumes_with_range(fake_hub, tmp_path):
+    fake_hub["drop_once"].add(UNET_FILE)
+    with pytest.raises(ConnectionError, match="again to resume"):
+        download(FAKE_REPO, root=tmp_path, endpoint=fake_hub["url"], progress=False)
+    dest, half = tmp_path / "owner--sd", len(PIPELINE_FILES[UNET_FILE]) // 2
+    assert (dest / (UNET_FILE + ".part")).stat().st_size == half
+    assert not (dest / UNET_FILE).exists() and cached(FAKE_REPO, root=tmp_path) is None
+    fake_hub["log"].clear()
+    download(FAKE_REPO, root=tmp_path, endpoint=fake_hub["url"], progress=False)
+    assert (f"/cdn/{UNET_FILE}", f"bytes={half}-", None) in fake_hub["log"]
+    assert (dest / UNET_FILE).read_bytes() == PIPELINE_FILES[UNET_FILE] and not (dest / (UNET_FILE + ".part")).exists()
+    assert cached(FAKE_REPO, root=tmp_path) == dest
+
+
+def test_server_that_ignores_range_restarts_the_file(fake_hub, tmp_path):
+    part = tmp_path / "owner--sd" / (UNET_FILE + ".part")
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"stale bytes that must not be kept")
+    fake_hub["ignore_range"] = True  # answers 200 with the whole file: appending would corrupt it
+    dest = download(FAKE_REPO, root=tmp_path, endpoint=fake_hub["url"], progress=False)
+    assert (dest / UNET_FILE).read_bytes() == PIPELINE_FILES[UNET_FILE]
+
+
+def test_unsatisfiable_range_restarts_the_file(fake_hub, tmp_path):
+    part = tmp_path / "owner--sd" / "model_index.json.part"  # as long as the file: the server answers 416
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x" * len(PIPELINE_FILES["model_index.json"]))
+    fake_hub["no_sizes"] = True  # a mirror without blob sizes: we cannot tell the .part is complete, so we ask
+    dest = download(FAKE_REPO, root=tmp_path, endpoint=fake_hub["url"], progress=False)
+    assert (dest / "model_index.json").read_bytes() == PIPELINE_FILES["model_index.json"]
+
+
+def test_corrupt_file_raises_and_leaves_nothing(fake_hub, tmp_path):
+    name = "vae/diffusion_pytorch_model.safetensors"
+    fake_hub["corrupt"].add(name)
+    with pytest.raises(OSError) as e:
+        download(FAKE_REPO, root=tmp_path, endpoint=fake_hub["url"], progress=False)
+    expected = hashlib.sha256(PIPELINE_FILES[name]).hexdigest()
+    got = hashlib.sha256(PIPELINE_FILES[name][::-1]).hexdigest()
+    assert "diffusion_pytorch_model.safetensors" in str(e.value) and expected in str(e.value) and got in str(e.value)
+    dest = tmp_path / "owner--sd"
+    assert not (dest / name).exists() and not (dest / (name + ".part")).exists()
+    assert cached(FAKE_REPO, root=tmp_path) is None
+
+
+def test_missing_repo_or_pipeline_is_a_clear_error(fake_hub, tmp_path):
+    with pytest.raises(FileNotFoundError, match="repository owner/nope at revision main not found"):
+        download("owner/nope", root=tmp_path, endpoint=fake_hub["url"])
+    with pytest.raises(FileNotFoundError, match="not a diffusers.*lacks model_index.json, .*unet/config.json"):
+        download(FAKE_BARE, root=tmp_path, endpoint=fake_hub["url"])
+    assert _fetched_files(fake_hub["log"]) == set()
+
+
+def test_gated_repo_needs_hf_token(fake_hub, tmp_path, monkeypatch):
+    with pytest.raises(PermissionError, match="gated.*HF_TOKEN"):
+        download(FAKE_GATED, root=tmp_path, endpoint=fake_hub["url"], progress=False)
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    monkeypatch.setenv("HF_ENDPOINT", fake_hub["url"])
+    assert cached(FAKE_GATED, root=tmp_path) is None
+    assert download(FAKE_GATED, root=tmp_path, progress=False) == cached(FAKE_GATED, root=tmp_path)
+
+
+def test_no_network_is_a_connection_error_that_says_what_to_do(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on: connection refused, like a machine offline
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ConnectionError) as e:
+        download(FAKE_REPO, root=tmp_path, endpoint=url)
+    msg = str(e.value)
+    assert "could not reach the Hugging Face Hub" in msg and url + "/api/models/owner/sd" in msg
+    assert "HF_ENDPOINT" in msg and "--weights" in msg
+
+
+def test_cache_dir_and_hf_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINISD_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    snap = tmp_path / "hub" / "models--owner--sd" / "snapshots" / "c0ffee"
+    for name in ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "vae/config.json", "vae/diffusion_pytorch_model.bin", "text_encoder/config.json"]:
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
+        (snap / name).write_bytes(b"{}")
+    assert cached(FAKE_REPO) is None  # text_encoder weights missing: an interrupted snapshot is not a pipeline
+    (snap / "text_encoder" / "model.safetensors").write_bytes(b"{}")
+    assert cached(FAKE_REPO) == snap
+    (tmp_path / "mine" / "owner--sd").mkdir(parents=True)  # ours, unfinished (no completion marker): not used
+    assert cached(FAKE_REPO) == snap
+    (tmp_path / "mine" / "owner--sd" / COMPLETE).write_text("{}")
+    assert cached(FAKE_REPO) == tmp_path / "mine" / "owner--sd"
+
+# -----------------------------------------------------------------------------
+# sampler.py: schedulers (closed form, then parity with diffusers' schedulers step by step).
+# cw.SD_V1_SCHEDULER is SD v1.4/v1.5's scheduler/scheduler_config.json: no timestep_spacing key (the file predates it)
+
+REFERENCE = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler", "dpm++2m": "DPMSolverMultistepScheduler",
+             "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler"}
+
+
+def reference_scheduler(name, config=cw.SD_V1_SCHEDULER):
+    """What a diffusers user gets: the pipeline's PNDM config, switched with from_config() (as the diffusers docs
+    show). Note from_config() keeps only keys the file set, so DPM-Solver and Euler get their own 'linspace'."""
+    diffusers = pytest.importorskip("diffusers")
+    pndm = diffusers.PNDMScheduler.from_config(config)
+    return getattr(diffusers, REFERENCE[name]).from_config(pndm.config)
+
+
+def test_alphas_cumprod_closed_form():
+    a = sampler.alphas_cumprod(sampler.SD_V1).double()
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    assert torch.allclose(a, torch.cumprod(1 - betas, 0), rtol=1e-5)
+    assert abs(a[0].item() - 0.99915) < 1e-6 and abs(a[-1].item() - 0.0046) < 1e-4  # SD v1's alpha_bar_T
+
+
+def test_pndm_known_timesteps():
+    s = PNDM()
+    s.set_timesteps(50)  # steps_offset 1, "leading", the PLMS start repeats the second timestep
+    assert s.timesteps.tolist() == [981, 961, 961] + list(range(941, 0, -20))
+    s.set_timesteps(25)
+    assert s.timesteps[:4].tolist() == [961, 921, 921, 881] and s.timesteps[-1] == 1 and len(s.timesteps) == 26
+
+
+def test_ddim_with_the_true_noise_recovers_x0_at_every_step():
+    torch.manual_seed(0)
+    s = DDIM()
+    s.set_timesteps(10)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x = s.add_noise(x0, noise, s.timesteps[:1].repeat(2))
+    for t in s.timesteps:
+        a = s.alphas_cumprod[int(t)]
+        eps = (x - a ** 0.5 * x0) / (1 - a) ** 0.5  # the oracle: exactly the noise that is in x
+        x = s.step(eps, t, x)
+    # the last step lands on alpha_bar_0 (set_alpha_to_one=False), a hair of noise from x0
+    a0 = s.final_alpha_cumprod
+    torch.testing.assert_close(x, a0 ** 0.5 * x0 + (1 - a0) ** 0.5 * eps, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spacing", [None, "leading"])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_scheduler_parity_with_diffusers(name, spacing):
+    """Timesteps, init_noise_sigma, scale_model_input and step() along whole trajectories: bit-exact in practice
+    (measured max |diff| 0), asserted at atol 1e-6."""
+    config = cw.SD_V1_SCHEDULER if spacing is None else dict(cw.SD_V1_SCHEDULER, timestep_spacing=spacing)
+    for n in (1, 2, 7, 25, 50):
+        ref, ours = reference_scheduler(name, config), SAMPLERS[name](SamplerConfig.from_diffusers(config))
+        ref.set_timesteps(n)
+        ours.set_timesteps(n)
+        assert torch.equal(ours.timesteps, ref.timesteps) and ours.timesteps.dtype == ref.timesteps.dtype
+        assert float(ours.init_noise_sigma) == float(ref.init_noise_sigma)
+        g = torch.Generator().manual_seed(n)
+        x_ref = x_ours = torch.randn(2, 4, 8, 8, generator=g) * float(ref.init_noise_sigma)
+        g_ref, g_ours = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)  # euler_a's noise
+        for t in ref.timesteps:
+            inp = ref.scale_model_input(x_ref, t)
+            torch.testing.assert_close(ours.scale_model_input(x_ours, t), inp, rtol=0, atol=1e-6)
+            eps = 0.5 * inp + torch.randn(2, 4, 8, 8, generator=g)  # a fake model: part signal, part noise
+            kw = {"generator": g_ref} if name == "euler_a" else {}
+            x_ref = ref.step(eps, t, x_ref, **kw).prev_sample
+            x_ours = ours.step(eps, t, x_ours, generator=g_ours)
+            torch.testing.assert_close(x_ours, x_ref, rtol=0, atol=1e-6)
+        assert x_ref.abs().max() > 0.1  # a real trajectory, not zeros
+    expect = "leading" if spacing or name in ("pndm", "ddim") else "linspace"
+    assert ours.spacing == ref.config.timestep_spacing == expect
+
+
+def test_ddim_eta_draws_from_the_callers_generator():
+    ref = reference_scheduler("ddim")
+    ours = DDIM(eta=0.7)
+    ref.set_timesteps(5)
+    ours.set_timesteps(5)
+    g = torch.Generator().manual_seed(0)
+    x_ref = x_ours = torch.randn(1, 4, 8, 8, generator=g)
+    g_ref, g_ours = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for t in ref.timesteps:
+        eps = torch.randn(1, 4, 8, 8, generator=g)
+        x_ref = ref.step(eps, t, x_ref, eta=0.7, generator=g_ref).prev_sample
+        x_ours = ours.step(eps, t, x_ours, generator=g_ours)
+        torch.testing.assert_close(x_ours, x_ref, rtol=0, atol=1e-6)
+    deterministic = DDIM()
+    deterministic.set_timesteps(5)
+    assert not torch.allclose(deterministic.step(eps, 1, x_ours), ours.step(eps, 1, x_ours, generator=g_ours))
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_add_noise_parity_at_an_img2img_start(name):
+    ref, ours = reference_scheduler(name), SAMPLERS[name](sampler.SD_V1)
+    ref.set_timesteps(10)
+    ours.set_timesteps(10)
+    if hasattr(ref, "set_begin_index"):
+        ref.set_begin_index(4)
+    t = ours.start_at(4)[:1].repeat(2)
+    x0, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(ours.add_noise(x0, noise, t), ref.add_noise(x0, noise, t), rtol=0, atol=1e-6)
+
+
+def test_scheduler_bad_input():
+    with pytest.raises(ValueError, match="steps must be"):
+        PNDM().set_timesteps(0)
+    with pytest.raises(ValueError, match="steps must be"):
+        DDIM().set_timesteps(1001)
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        PNDM(SamplerConfig(timestep_spacing="trailing"))
+    with pytest.raises(ValueError, match="epsilon"):
+        SamplerConfig.from_diffusers(dict(cw.SD_V1_SCHEDULER, prediction_type="v_prediction"))
+
+# -----------------------------------------------------------------------------
+# sampler.py: txt2img / img2img vs diffusers' pipelines, same random weights
+
+
+def twins(preset, sd_dir):
+    """Our random pipeline and diffusers' StableDiffusionPipeline sharing its weights (strict loads)."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    ours = sampler.random_pipeline(preset, tokenizer=Tokenizer(sd_dir))
+    ref_vae = diffusers_vae(ours.vae_cfg)
+    ours.vae.load_state_dict(ref_vae.state_dict(), strict=True)
+    ref_text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**asdict(ours.text_cfg))).eval()
+    ours.text_encoder.load_state_dict(ref_text.state_dict(), strict=True)
+    ref = diffusers.StableDiffusionPipeline(
+        vae=ref_vae, text_encoder=ref_text, tokenizer=transformers.CLIPTokenizer.from_pretrained(str(sd_dir), model_max_length=77),
+        unet=diffusers_twin(ours.unet_cfg, ours.unet), scheduler=diffusers.PNDMScheduler.from_config(cw.SD_V1_SCHEDULER),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref.set_progress_bar_config(disable=True)
+    ours.scheduler_config = dict(ref.scheduler.config)
+    return ours, ref
+
+
+@pytest.fixture(scope="module")
+def tiny_twins(sd_dir):
+    return twins("tiny-test", sd_dir)
+
+
+def run_reference(ref, name, img2img=False, **kw):
+    """diffusers' images (float, [0, 1]) and final latents (caught by the step-end callback, so one run gives both)."""
+    diffusers = pytest.importorskip("diffusers")
+    pipe = diffusers.StableDiffusionImg2ImgPipeline(**ref.components) if img2img else ref
+    pipe.scheduler = reference_scheduler(name)
+    pipe.set_progress_bar_config(disable=True)
+    seen = {}
+
+    def keep(p, i, t, tensors):
+        seen["latents"] = tensors["latents"]
+        return tensors
+    images = pipe(output_type="np", callback_on_step_end=keep, **kw).images
+    return torch.from_numpy(images), seen.get("latents")
+
+
+def compare(result, images, latents):
+    err = rel_err(result.latents, latents)
+    pixels = (result.images.float() / 255 - images).abs().max().item()
+    assert err <= 1e-4, f"latents: relative error {err:.2e}"
+    assert pixels <= 1 / 255 + 1e-6, f"images differ by {pixels * 255:.2f}/255"
+    inside = ((images > 0.02) & (images < 0.98)).float().mean()  # the decoded image is not saturated to 0/1
+    assert inside > 0.2, inside
+    return err, pixels
+
+
+PIPE_PROMPTS = ["a photograph of an astronaut riding a horse", "a red cube on a table"]
+
+
+@pytest.mark.parametrize("name,negative", [("pndm", None), ("pndm", ["blurry", "ugly, bad art"]), ("ddim", None),
+                                           ("ddim", ["blurry", ""]), ("dpm++2m", "blurry"), ("euler", None),
+                                           ("euler_a", None)])
+def test_txt2img_parity_tiny(tiny_twins, name, negative):
+    ours, ref = tiny_twins
+    kw = dict(num_inference_steps=4, guidance_scale=7.5, height=64, width=64, num_images_per_prompt=2)
+    ref_negative = [negative] * 2 if isinstance(negative, str) else negative  # diffusers wants a list here
+    images, latents = run_reference(ref, name, prompt=PIPE_PROMPTS, negative_prompt=ref_negative,
+                                    generator=torch.Generator().manual_seed(11), **kw)
+    r = sampler.txt2img(ours, PIPE_PROMPTS, negative, steps=4, height=64, width=64, n=2, generator=11, sampler=name,
+                        progress=False)
+    assert r.images.shape == (4, 64, 64, 3) and r.images.dtype == torch.uint8 and r.seed == 11
+    compare(r, images, latents)
+
+
+def test_txt2img_parity_without_guidance_and_given_latents(tiny_twins):
+    ours, ref = tiny_twins
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    images, latents = run_reference(ref, "ddim", prompt=PIPE_PROMPTS[0], latents=x, guidance_scale=1.0,
+                                    num_inference_steps=3, height=64, width=64)
+    r = sampler.txt2img(ours, PIPE_PROMPTS[0], steps=3, guidance=1.0, height=64, width=64, latents=x, sampler="ddim",
+                        progress=False)
+    compare(r, images, latents)
+
+
+@pytest.mark.parametrize("name,strength", [("pndm", 0.5), ("ddim", 0.6), ("ddim", 1.0), ("euler", 0.5)])
+def test_img2img_parity_tiny(tiny_twins, name, strength):
+    ours, ref = tiny_twins
+    init = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    images, latents = run_reference(ref, name, img2img=True, prompt=PIPE_PROMPTS, image=init, strength=strength,
+                                    num_inference_steps=6, num_images_per_prompt=2, negative_prompt=["dull", ""],
+                                    generator=torch.Generator().manual_seed(5))
+    r = sampler.img2img(ours, init, PIPE_PROMPTS, strength=strength, steps=6, n=2, negative_prompt=["dull", ""],
+                        generator=5, sampler=name, progress=False)
+    compare(r, images, latents)
+
+
+class CountingUNet(torch.nn.Module):
+    def __init__(self, unet, nan=False):
+        super().__init__()
+        self.unet, self.calls, self.nan = unet, [], nan
+
+    def forward(self, x, t, ctx):
+        self.calls.append(float(t))
+        eps = self.unet(x, t, ctx)
+        return eps * float("nan") if self.nan else eps
+
+
+def test_img2img_strength_edge_cases(tiny_twins):
+    ours, _ = tiny_twins
+    unet = ours.unet
+    init = torch.rand(1, 3, 64, 64) * 2 - 1
+    try:
+        ours.unet = CountingUNet(unet)
+        for steps, strength in ((10, 0.0), (1, 0.3), (3, 0.3)):  # steps * strength < 1: no step, no index error
+            ours.unet.calls.clear()
+            r = sampler.img2img(ours, init, "x", strength=strength, steps=steps, generator=1, progress=False)
+            with torch.no_grad():
+                x0 = ours.vae.encode(init).sample(torch.Generator().manual_seed(1)) * 0.18215
+            assert ours.unet.calls == [] and torch.equal(r.latents, x0)  # the VAE round trip, no noise added
+        ours.unet.calls.clear()
+        r = sampler.img2img(ours, init, "x", strength=1.0, steps=4, sampler="ddim", generator=1, progress=False)
+        assert ours.unet.calls == [751.0, 501.0, 251.0, 1.0]  # strength 1: every step, from the first timestep
+        ours.unet.calls.clear()
+        sampler.img2img(ours, init, "x", strength=0.5, steps=4, sampler="ddim", generator=1, progress=False)
+        assert ours.unet.calls == [251.0, 1.0]
+        with pytest.raises(ValueError, match="strength"):
+            sampler.img2img(ours, init, "x", strength=1.5)
+    finally:
+        ours.unet = unet
+
+
+def test_pipeline_bad_input(tiny_twins, tmp_path):
+    ours, _ = tiny_twins
+    kw = dict(steps=2, progress=False)
+    for bad, match in [(dict(height=60, width=64), "multiples of 8"), (dict(height=72, width=64), "divisible by 64"),
+                       (dict(steps=0), "steps must be"), (dict(sampler="plms2"), "unknown sampler")]:
+        with pytest.raises(ValueError, match=match):
+            sampler.txt2img(ours, "x", **{**kw, "height": 64, "width": 64, **bad})
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    for path in (tmp_path / "bad.png", tmp_path / "missing.png"):
+        with pytest.raises(ValueError, match="cannot read the init image"):
+            sampler.img2img(ours, path, "x", **kw)
+    unet = ours.unet
+    try:
+        ours.unet = CountingUNet(unet, nan=True)  # what an fp16 overflow looks like
+        with pytest.raises(RuntimeError, match="--dtype bfloat16 or --dtype float32"):
+            sampler.txt2img(ours, "x", height=64, width=64, **kw)
+    finally:
+        ours.unet = unet
+
+
+def test_txt2img_parity_full_size(sd_dir):
+    """sd-v1 U-Net, CLIP ViT-L and VAE at full size with random weights, 64x64 pixels, 2 PNDM steps (3 U-Net calls),
+    2 prompts with negative prompts. n = 1 keeps it near 40 s on 2 cores; the tiny tests cover n > 1."""
+    ours, ref = twins("sd-v1", sd_dir)
+    negative = ["blurry", "low quality"]
+    images, latents = run_reference(ref, "pndm", prompt=PIPE_PROMPTS, negative_prompt=negative, num_inference_steps=2,
+                                    height=64, width=64, generator=torch.Generator().manual_seed(0))
+    r = sampler.txt2img(ours, PIPE_PROMPTS, negative, steps=2, height=64, width=64, generator=0, progress=False)
+    err, pixels = compare(r, images, latents)
+    print(f"full size: latents rel err {err:.1e}, max pixel diff {pixels * 255:.2f}/255")
+
+# -----------------------------------------------------------------------------
+# sampler.py: the command line
+
+
+def run_cli(*args, cwd=HERE):
+    return subprocess.run([sys.executable, str(HERE / "sampler.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_smoke_run_writes_png_with_metadata(tmp_path):
+    out = run_cli("a red cube", "--preset", "tiny-test", "--random-weights", "--steps", "3", "--height", "64",
+                  "--width", "64", "--seed", "42", "--negative", "blurry", "--n", "2", "--out", str(tmp_path / "c.png"))
+    assert out.returncode == 0, out.stderr
+    assert "RANDOM weights" in out.stderr and "step 4/4" in out.stderr  # PNDM: 3 steps are 4 U-Net calls
+    assert all(s in out.stderr for s in ("text", "denoise", "decode"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c_0.png", "c_1.png"]  # no temporary file left over
+    im = Image.open(tmp_path / "c_1.png")
+    assert im.size == (64, 64) and im.mode == "RGB"
+    meta = json.loads(im.text["minisd"])
+    assert meta["prompt"] == "a red cube" and meta["negative_prompt"] == "blurry" and meta["seed"] == 42
+    assert meta["steps"] == 3 and meta["sampler"] == "pndm" and meta["guidance"] == 7.5 and meta["batch_index"] == 1
+    assert meta["random_weights"] and "RANDOM WEIGHTS" in meta["model"]
+    assert im.text["parameters"].startswith("a red cube\nNegative prompt: blurry\nSteps: 3, Sampler: pndm")
+
+
+def test_cli_prompts_file_img2img_into_a_folder(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n\na dog, at night\n")
+    Image.new("RGB", (70, 64), (200, 30, 30)).save(tmp_path / "init.png")  # 70 wide: resized to 64
+    out = run_cli("--prompts-file", str(tmp_path / "prompts.txt"), "--random-weights", "--steps", "4",
+                  "--sampler", "ddim", "--init-image", str(tmp_path / "init.png"), "--strength", "0.5",
+                  "--out", str(tmp_path / "out"), "--seed", "0")
+    assert out.returncode == 0, out.stderr
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["0000_a_cat.png", "0001_a_dog_at_night.png"]
+    meta = json.loads(Image.open(tmp_path / "out" / files[1]).text["minisd"])
+    assert meta["seed"] == 1 and meta["strength"] == 0.5 and meta["width"] == 64  # batch k uses seed + k
+
+
+def test_cli_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    base = ["a cat", "--random-weights", "--out", str(tmp_path / "x.png")]
+    ap = sampler.parser()
+    for extra, msg in [(["--height", "100"], "multiple of 8"), (["--steps", "0"], "--steps >= 1"),
+                       (["--sampler", "plms2"], "invalid choice"), (["--init-image", str(tmp_path)], "init image"),
+                       (["--device", "cpu", "--dtype", "float16"], "float16 on the CPU"), ([], "not both")]:
+        args = base + extra if extra else ["--random-weights"]
+        with pytest.raises(SystemExit) as e:
+            sampler.main(ap.parse_args(args), ap)  # checked in-process: a subprocess per case costs ~3 s
+        assert e.value.code == 2 and msg in capsys.readouterr().err, extra
+    out = run_cli(*base, "--width", "60")  # and once as a user sees it
+    assert out.returncode == 2 and "--width must be a positive multiple of 8, got 60" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_loads_a_diffusers_folder_through_convert_weights(tiny_twins, tmp_path):
+    convert_weights = pytest.importorskip("convert_weights")
+    ours, ref = tiny_twins
+    ref.save_pretrained(tmp_path / "sd")  # a diffusers folder as published: model_index.json, unet/, vae/, ...
+    pipe = convert_weights.load_pipeline(tmp_path / "sd")
+    a = sampler.txt2img(pipe, "a cat", steps=3, height=64, width=64, generator=0, progress=False)
+    b = sampler.txt2img(ours, "a cat", steps=3, height=64, width=64, generator=0, progress=False)
+    assert torch.equal(a.latents, b.latents)
+    out = run_cli("a cat", "--weights", str(tmp_path / "sd"), "--steps", "2", "--height", "64", "--width", "64",
+                  "--seed", "0", "--sampler", "euler_a", "--out", str(tmp_path / "cat.png"))
+    assert out.returncode == 0, out.stderr
+    meta = json.loads(Image.open(tmp_path / "cat.png").text["minisd"])
+    assert meta["model"] == str(tmp_path / "sd") and not meta["random_weights"] and meta["sampler"] == "euler_a"
+
+
+def test_cli_without_a_model_says_what_to_do(tmp_path):
+    pytest.importorskip("convert_weights")
+    env = dict(__import__("os").environ, MINISD_CACHE=str(tmp_path), HF_HOME=str(tmp_path), HF_HUB_CACHE=str(tmp_path),
+               HF_ENDPOINT="http://127.0.0.1:9")  # nothing cached, and nothing listens on port 9
+    out = subprocess.run([sys.executable, str(HERE / "sampler.py"), "a cat", "--out", str(tmp_path / "x.png")],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 1 and "--weights" in out.stderr and "--random-weights" in out.stderr, out.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_toy_tokenizer_for_smoke_runs_without_the_vocabulary():
+    tok = sampler.toy_tokenizer()
+    ids = tok(["a cat", "émoji 🐈"])
+    assert ids.shape == (2, 77) and ids.max() < 49408 and ids[0, :4].tolist() == [512, 320, 66, 64]  # a</w> c a t
+    assert (ids[1] != 513).sum() == 1 + len("émoji 🐈".replace(" ", "").encode())  # start + one id per byte
+    r = sampler.txt2img(sampler.random_pipeline(tokenizer=tok), "a cat", steps=2, height=64, width=64,
+                        progress=False)
+    assert r.images.shape == (1, 64, 64, 3)

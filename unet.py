@@ -148,14 +148,17 @@ class UNetConfig:
                    upcast_attention=d.get("upcast_attention", False), sample_size=d.get("sample_size", 64))
 
     def to_diffusers(self):
-        """The diffusers `UNet2DConditionModel` config for this architecture (for export and tests)."""
+        """The diffusers `UNet2DConditionModel` config for this architecture (for export and tests). Uniform
+        per-stage values are written as one int, as the official config.json files have them (diffusers'
+        single-file converter does arithmetic on `layers_per_block`)."""
+        one = lambda v: v[0] if len(set(v)) == 1 else list(v)
         return dict(_class_name="UNet2DConditionModel", in_channels=self.in_channels,
                     out_channels=self.out_channels, block_out_channels=list(self.block_out_channels),
-                    layers_per_block=list(self.layers_per_block),
+                    layers_per_block=one(self.layers_per_block),
                     down_block_types=["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in self.cross_attn],
                     up_block_types=["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in self.cross_attn[::-1]],
                     mid_block_type="UNetMidBlock2DCrossAttn" if self.mid_block else None,
-                    attention_head_dim=list(self.num_heads), cross_attention_dim=self.cross_attention_dim,
+                    attention_head_dim=one(self.num_heads), cross_attention_dim=self.cross_attention_dim,
                     norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps,
                     flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift,
                     use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,

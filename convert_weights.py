@@ -1,0 +1,895 @@
+"""
+Load every Stable Diffusion v1 / BK-SDM checkpoint layout into our models, safely and without an fp32 detour;
+write them back out as the original single file or as a diffusers folder; fetch a diffusers repo from the Hub.
+
+References
+1) CompVis/stable-diffusion `ldm/modules/diffusionmodules/openaimodel.py` and `ldm/models/autoencoder.py`:
+   the LDM ("single file") names, `model.diffusion_model.input_blocks.4.1.proj_in.weight`.
+2) diffusers 0.42 `loaders/single_file_utils.py` (convert_ldm_unet/vae/clip_checkpoint): the numerical oracle for
+   our LDM -> diffusers direction (see test_convert_draft.py); diffusers has no converter the other way.
+3) gpt-fast: templated rename tables; meta-device construction + load_state_dict(assign=True) + mmap.
+4) huggingface_hub (`hf_api.py` model_info, `file_download.py` hf_hub_url, hf_raise_for_status): the Hub's HTTP
+   interface, which download() speaks with the standard library.
+Checkpoint formats: ours is diffusers' / HF's naming (STYLE.md 5.3), so a diffusers folder needs no renaming.
+The LDM names are mapped by the ordered (LDM, ours) rule tables below, run forwards to load and backwards to export.
+
+Convention of load_state_dict_any(): one flat dict in our naming whose keys carry the component as a prefix,
+"unet.", "vae." or "text_encoder." (the diffusers folder names), whatever the file held: a full single file gives
+all three, a lone U-Net file only "unet.*". split_components() turns it into {component: state dict}.
+Memory: models are built on the meta device and take the file's tensors as they are (assign=True): an fp32
+safetensors file loads in fp32 without a copy (memory-mapped), a cast reads and converts one tensor at a time.
+Measured on a random SD v1 U-Net (3.44 GB fp32, 2 busy CPU cores, warm page cache): cat 0.35 s; load 0.5 s, 0.7 s
+with every page touched, peak RSS 1.0x the weights; to fp16 5 s, peak 1.03x the fp16 weights; diffusers'
+from_pretrained 2.6-3.2 s, peak 1.05x.
+Extension points (not done): SD 2.x OpenCLIP text towers (`cond_stage_model.model.`), LoRA merging.
+"""
+import argparse
+import hashlib
+import http.client
+import json
+import os
+import pickle
+import re
+import shutil
+import struct
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections import Counter, defaultdict, namedtuple
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from urllib.parse import quote
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+import clip_text
+import unet as unet_mod
+import vae as vae_mod
+from clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer, find_openai_vocab, openai_vocab
+from unet import UNet, UNetConfig
+from vae import AutoencoderKL, VAEConfig
+
+DEFAULT_REPO = "nota-ai/bk-sdm-small"
+COMPONENTS = ("unet", "vae", "text_encoder")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# a diffusers component folder's weights, by name: safetensors first, then the older pickle
+WEIGHTS = {"text_encoder": ["model.safetensors", "pytorch_model.bin"],
+           "unet": ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"],
+           "vae": ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]}
+# STYLE.md appendix A; steps_offset=1 and set_alpha_to_one=False are what SD v1 was released with
+SD_V1_SCHEDULER = dict(_class_name="PNDMScheduler", beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                       num_train_timesteps=1000, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+                       clip_sample=False, prediction_type="epsilon", trained_betas=None)
+
+
+def note(msg):
+    print(f"convert_weights: {msg}", file=sys.stderr)
+
+# -----------------------------------------------------------------------------
+# Reading files safely: safetensors memory-mapped, pickles only through torch's weights_only unpickler
+
+SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+class LightningCheckpointStub:
+    """Stand-in for `pytorch_lightning...ModelCheckpoint`, whose state some LDM-era .ckpt files pickle beside the
+    weights. Allow-listing this inert class lets the weights_only unpickler fill it (dict update, no code runs)."""
+
+
+def diagnose_safetensors(path):
+    """Why safetensors refused a file, in words: the layout is u64 header size, JSON header, then the tensor data."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size < 8:
+            return f"only {size} bytes: not even the 8-byte header length"
+        n = struct.unpack("<Q", f.read(8))[0]
+        if 8 + n > size:
+            return f"the header claims {n} bytes but the file has {size}: truncated, or not a safetensors file"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return "the JSON header does not parse: corrupt"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        return f"tensor data ends at byte {8 + n + end} but the file has {size}: truncated (an interrupted download?)"
+    return "safetensors rejected it"
+
+
+def read_file(path, dtype=None):
+    """One weights file -> (flat dict of CPU tensors, metadata dict), floating tensors cast to dtype if given."""
+    path = Path(path)
+    cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+                if dtype is None or stored <= {SAFETENSORS_DTYPE[dtype], "I64", "I32", "BOOL"}:
+                    # no cast: memory-mapped tensors, whose pages are read when first touched and never copied
+                    return {k: f.get_tensor(k) for k in f.keys()}, meta
+            # A cast reads each tensor with pread and converts it at once. Cast from a mapping instead, and every
+            # source page stays resident until the file's last tensor is freed: peak = file + result.
+            try:
+                f = safe_open(path, framework="pt", backend="pread")
+            except TypeError:  # safetensors < 0.8 has no pread backend: map, and keep the sources until the end
+                f = safe_open(path, framework="pt")
+            with f:
+                return {k: cast(f.get_tensor(k)) for k in f.keys()}, meta
+        except SafetensorError as e:
+            raise ValueError(f"{path}: cannot read this safetensors file: {diagnose_safetensors(path)} ({e})") from e
+    try:  # mmap needs torch's zip format (torch >= 1.6); very old files are read whole
+        with torch.serialization.safe_globals([(LightningCheckpointStub,
+                                                "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused to unpickle: it holds objects other than tensors, and loading it with "
+                         f"weights_only=True stopped them from running ({str(e).splitlines()[0][:200]}). Only "
+                         f"load it with weights_only=False if you trust its source; better, get a .safetensors "
+                         f"file.") from e
+    except Exception as e:
+        raise ValueError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {e}); truncated or corrupt?") from e
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else obj  # LDM/Lightning files nest the weights
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
+    return {k: cast(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}, {}
+
+# -----------------------------------------------------------------------------
+# Rename rules, LDM <-> ours. `{}` stands for a number; rules are tried in order and the first match renames
+# the key's prefix. The same tables run backwards for export.
+
+UNET_RULES = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+              ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+RESNET_RULES = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
+                ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut."),
+                ("op.", "conv.")]  # the last one: LDM's Downsample calls its conv `op`
+# what a numbered LDM sub-module (input_blocks.4.1) is, from the first part of its tensors' names
+UNET_KIND = {"in_layers": "resnets", "out_layers": "resnets", "emb_layers": "resnets", "skip_connection": "resnets",
+             "norm": "attentions", "proj_in": "attentions", "proj_out": "attentions",
+             "transformer_blocks": "attentions", "op": "downsamplers", "conv": "upsamplers"}
+VAE_RULES = [("encoder.down.{}.block.{}.", "encoder.down_blocks.{}.resnets.{}."),
+             ("encoder.down.{}.downsample.", "encoder.down_blocks.{}.downsamplers.0."),
+             ("decoder.up.{}.block.{}.", "decoder.up_blocks.{}.resnets.{}."),  # LDM's up.3 is our up_blocks.0:
+             ("decoder.up.{}.upsample.", "decoder.up_blocks.{}.upsamplers.0.")]  # see flip_up() below
+for side in ("encoder", "decoder"):
+    VAE_RULES += [(f"{side}.mid.block_1.", f"{side}.mid_block.resnets.0."),
+                  (f"{side}.mid.block_2.", f"{side}.mid_block.resnets.1."),
+                  (f"{side}.mid.attn_1.norm.", f"{side}.mid_block.attentions.0.group_norm."),
+                  *[(f"{side}.mid.attn_1.{a}.", f"{side}.mid_block.attentions.0.to_{a}.") for a in "qkv"],
+                  (f"{side}.mid.attn_1.proj_out.", f"{side}.mid_block.attentions.0.to_out.0."),
+                  (f"{side}.norm_out.", f"{side}.conv_norm_out.")]
+VAE_LEAF_RULES = [(".nin_shortcut.", ".conv_shortcut.")]
+# diffusers < 0.14 called the VAE attention's projections query/key/value/proj_attn
+OLD_DIFFUSERS_VAE = [(f"{side}.mid_block.attentions.0.{a}.", f"{side}.mid_block.attentions.0.{b}.")
+                     for side in ("encoder", "decoder")
+                     for a, b in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))]
+
+
+def rename(key, rules, reverse=False):
+    """Apply the first matching (a, b) rule to the start of key (b -> a when reverse); returns key unchanged if none.
+    Each `{}` in a template matches a number, which the other template receives in the same order."""
+    for a, b in rules:
+        src, dst = (b, a) if reverse else (a, b)
+        m = re.match(re.escape(src).replace(r"\{\}", r"(\d+)"), key)
+        if m:
+            return dst.format(*m.groups()) + key[m.end():]
+    return key
+
+
+def n_children(sd, prefix):
+    """How many numbered children `{prefix}{i}.` the keys of sd name: stages, resnets, layers."""
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+def unet_from_ldm(sd):
+    """LDM U-Net keys (no `model.diffusion_model.` prefix) -> ours."""
+    # LDM numbers its blocks flatly (input_blocks.N.M, N over all stages); ours are nested per stage. Files use two
+    # numberings: the dense one of openaimodel.py (num_res_blocks=n: input_blocks.{(n+1)i+j+1}) and SD v1's with
+    # gaps, which diffusers' export script writes for a BK model. So no index arithmetic: walk the blocks in index
+    # order, recognise each sub-module by its names, and let a downsampler/upsampler close the current stage.
+    out, groups = {}, defaultdict(lambda: defaultdict(dict))  # section -> (N, M) -> {name: tensor}
+    for k, v in sd.items():
+        m = re.match(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.*)|middle_block\.(\d+)\.(.*)", k)
+        if k.startswith("input_blocks.0.0.") or not m:  # conv_in and the other unnumbered modules
+            out[rename(k, UNET_RULES)] = v
+        elif m.group(1):
+            groups[m.group(1)][(int(m.group(2)), int(m.group(3)))][m.group(4)] = v
+        else:
+            groups["middle_block"][(0, int(m.group(5)))][m.group(6)] = v
+    for section, ours, ender in (("input_blocks", "down_blocks", "downsamplers"), ("middle_block", "mid_block", None),
+                                 ("output_blocks", "up_blocks", "upsamplers")):
+        stage, count = 0, Counter()
+        for _, sub in sorted(groups[section].items()):
+            first = next(iter(sub)).split(".")[0]
+            kind = UNET_KIND.get(first, first)
+            # an attention belongs to the resnet just before it; a resampler is always .0
+            j = {"resnets": count["resnets"], "attentions": count["resnets"] - 1}.get(kind, 0)
+            prefix = f"{ours}.{kind}.{j}." if section == "middle_block" else f"{ours}.{stage}.{kind}.{j}."
+            for name, v in sub.items():
+                out[prefix + (rename(name, RESNET_RULES) if kind in ("resnets", "downsamplers") else name)] = v
+            count[kind] += 1
+            if kind == ender:
+                stage, count = stage + 1, Counter()
+    return out
+
+
+def unet_to_ldm(sd):
+    """Ours -> LDM U-Net keys in the dense numbering LDM's openaimodel.py builds; derived from the keys alone."""
+    # our numbered stage modules, sorted as LDM appends them: resnet j, its attention j, ..., the resampler last
+    mods = {}  # prefix -> (sort key, kind)
+    for k in sd:
+        m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.", k)
+        if m:
+            section, i, kind, j = m.groups()
+            j = 99 if "samplers" in kind else int(j)
+            mods[m.group(0)] = (section == "up_blocks", int(i), j, kind == "attentions"), kind
+    # A resnet or a downsampler opens the next LDM index; an attention or an upsampler joins the open one at the
+    # next position (SD v1: output_blocks.2.1.conv is an upsampler after a resnet, .5.2.conv one after an attention)
+    where = {"mid_block.resnets.0.": ("middle_block.0.", RESNET_RULES),  # our prefix -> (LDM prefix, rules below it)
+             "mid_block.attentions.0.": ("middle_block.1.", []),
+             "mid_block.resnets.1.": ("middle_block.2.", RESNET_RULES)}
+    idx = {"down_blocks": 0, "up_blocks": -1}  # input_blocks.0 is conv_in
+    for head, (_, kind) in sorted(mods.items(), key=lambda m: m[1]):
+        section = head.split(".")[0]
+        if kind in ("resnets", "downsamplers"):
+            idx[section], pos = idx[section] + 1, 0
+        else:
+            pos += 1
+        ldm = f"{'input' if section == 'down_blocks' else 'output'}_blocks.{idx[section]}.{pos}."
+        where[head] = (ldm, RESNET_RULES if kind in ("resnets", "downsamplers") else [])  # conv -> op, in_layers...
+    out = {}
+    for k, v in sd.items():
+        head = next((h for h in where if k.startswith(h)), None)
+        if head is None:  # conv_in, time_embedding, conv_norm_out, conv_out
+            out[rename(k, UNET_RULES, reverse=True)] = v
+        else:
+            ldm, rules = where[head]
+            out[ldm + rename(k[len(head):], rules, reverse=True)] = v
+    return out
+
+
+def flip_up(key, n):
+    """decoder.up(_blocks).i <-> .{n-1-i}. LDM's Decoder numbers its stages by resolution level, like the encoder
+    (up.0 is full resolution and runs last); diffusers numbers them in the order they run."""
+    m = re.match(r"decoder\.up(_blocks)?\.(\d+)\.", key)
+    return key if not m else f"decoder.up{m.group(1) or ''}.{n - 1 - int(m.group(2))}." + key[m.end():]
+
+
+def vae_from_ldm(sd):
+    """LDM VAE keys -> ours (to_ours() then squeezes the 1x1-conv attention weights)."""
+    n, out = n_children(sd, "encoder.down."), {}
+    for k, v in sd.items():
+        k = rename(flip_up(k, n), VAE_RULES)
+        for a, b in VAE_LEAF_RULES:  # inside a resnet, wherever it sits
+            k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
+def vae_to_ldm(sd):
+    """Ours -> LDM VAE keys: the same tables backwards, and Linear attention weights back to 1x1 convs."""
+    n, out = n_children(sd, "encoder.down_blocks."), {}
+    for k, v in sd.items():
+        if ".attentions.0.to_" in k and k.endswith("weight") and v.ndim == 2:
+            v = v.reshape(*v.shape, 1, 1)  # LDM's AttnBlock uses 1x1 convs
+        for a, b in VAE_LEAF_RULES:
+            k = k.replace(b, a)
+        out[flip_up(rename(k, VAE_RULES, reverse=True), n)] = v
+    return out
+
+# -----------------------------------------------------------------------------
+# Format detection by key prefix (STYLE.md 5.5), and the one flat dict in our naming
+
+# (prefix, component, layout): an LDM single file's three parts, then our own prefixes, below which the names may
+# be in any layout; "ldm" layouts go through the rename rules above
+PREFIXES = [("model.diffusion_model.", "unet", "ldm"), ("first_stage_model.", "vae", "ldm"),
+            ("cond_stage_model.transformer.", "text_encoder", "hf"),
+            ("unet.", "unet", None), ("vae.", "vae", None), ("text_encoder.", "text_encoder", None)]
+# LDM training leftovers that are not weights of any of our models: the DDPM schedule buffers, EMA bookkeeping
+LDM_EXTRAS = re.compile(r"^(betas|alphas_cumprod.*|sqrt_.*|log_one_minus.*|posterior_.*|logvar|model_ema\..*)$")
+
+
+def detect(sd):
+    """Which component and layout a prefix-free dict is, from its names; None if unrecognised."""
+    if any(k.startswith(("input_blocks.", "time_embed.", "middle_block.")) for k in sd):
+        return "unet", "ldm"
+    if any(k.startswith(("conv_in.", "down_blocks.", "time_embedding.")) for k in sd):
+        return "unet", "ours"
+    if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.mid.")) for k in sd):
+        return "vae", "ldm"
+    if any(k.startswith(("text_model.", "embeddings.token_embedding.")) for k in sd):
+        return "text_encoder", "hf"  # before the VAE: transformers 5 writes `encoder.layers.` unprefixed
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "quant_conv.")) for k in sd):
+        return "vae", "ours"
+    return None
+
+
+def to_ours(component, layout, sd):
+    """One component's prefix-free dict in the given layout -> our names and shapes."""
+    if component == "unet" and layout == "ldm":
+        return unet_from_ldm(sd)
+    if component == "vae":
+        sd = vae_from_ldm(sd) if layout == "ldm" else {rename(k, OLD_DIFFUSERS_VAE): v for k, v in sd.items()}
+        # the mid attention's weights as Linear [C, C]: LDM (and some merged files) store 1x1 convs [C, C, 1, 1].
+        # Biases are [C] in both layouts (diffusers#6226 was a converter that reshaped them too).
+        return {k: v.reshape(v.shape[:2]) if ".attentions.0.to_" in k and v.ndim == 4 else v for k, v in sd.items()}
+    if component == "text_encoder":  # HF names; make the transformers-5 form canonical, drop position_ids
+        return {k if k.startswith("text_model.") else "text_model." + k: v for k, v in sd.items()
+                if not k.endswith("position_ids")}
+    return sd
+
+
+def strip_wrappers(k):
+    """`module.` (DataParallel) and `_orig_mod.` (torch.compile, nanoGPT#325), wherever they prefix a name part."""
+    return re.sub(r"(^|\.)(module\.|_orig_mod\.)+", r"\1", k)
+
+
+def from_checkpoint(sd, path="<dict>"):
+    """A raw checkpoint dict -> our flat component-prefixed dict, using LDM's EMA U-Net weights when present."""
+    sd = {strip_wrappers(k): v for k, v in sd.items()}
+    # EMA weights are what LDM sampled with and what the "-ema" releases ship: prefer them. LDM's LitEma keeps each
+    # copy as a buffer, and buffer names may not contain dots, so `model.diffusion_model.out.2.weight` has the twin
+    # `model_ema.diffusion_modelout2weight`. Only a complete set of twins replaces the raw weights.
+    ema = {k: "model_ema." + "".join(k.split(".")[1:]) for k in sd if k.startswith("model.diffusion_model.")}
+    if ema and all(e in sd for e in ema.values()):
+        note(f"{path}: using the EMA weights of the U-Net (model_ema.*), not the raw ones")
+        sd.update({k: sd[e] for k, e in ema.items()})
+    parts, rest = defaultdict(dict), {}
+    for k, v in sd.items():
+        hit = next(((p, c, lay) for p, c, lay in PREFIXES if k.startswith(p)), None)
+        if hit:
+            parts[hit[1], hit[2]][k[len(hit[0]):]] = v
+        elif not LDM_EXTRAS.match(k):
+            rest[k] = v
+    # a single-component file has no prefixes (a diffusers unet/ file, a VAE-only .ckpt): name it from its keys
+    if rest and not parts:
+        found = detect(rest)
+        if found is None:
+            seen = sorted(Counter(".".join(k.split(".")[:2]) for k in rest).items())
+            raise ValueError(f"{path}: unknown layout; key prefixes seen (count): {seen[:20]}. Expected a diffusers "
+                             f"component (down_blocks., encoder.down_blocks., text_model.) or LDM names "
+                             f"(model.diffusion_model., first_stage_model., cond_stage_model.transformer.)")
+        parts[found], rest = rest, {}
+    if rest:
+        note(f"{path}: ignored {len(rest)} keys outside the U-Net, VAE and text encoder: "
+             f"{sorted({k.split('.')[0] for k in rest})[:10]}")
+    out = {}
+    for (component, layout), part in parts.items():
+        if layout is None:  # our own prefixes: the names below them may still be any layout
+            layout = (detect(part) or (component, "ours"))[1]
+        if component == "vae":  # LDM training files also keep the discriminator of the autoencoder's loss
+            part = {k: v for k, v in part.items() if not k.startswith("loss.")}
+        out.update({f"{component}.{k}": v for k, v in to_ours(component, layout, part).items()})
+    return out
+
+
+def split_components(sd):
+    """{"unet": {...}, "vae": {...}, "text_encoder": {...}} from our flat prefixed dict (absent parts left out)."""
+    out = defaultdict(dict)
+    for k, v in sd.items():
+        c, name = k.split(".", 1)
+        out[c][name] = v
+    return dict(out)
+
+
+def weight_files(folder):
+    """A diffusers component folder's weights: *.safetensors, else *.bin (all shards); a variant such as
+    `.fp16.safetensors` only when it is the only file there."""
+    for ext in (".safetensors", ".bin"):
+        plain = sorted(p for p in folder.glob(f"*{ext}") if "." not in p.name[:-len(ext)])
+        if plain:
+            return plain
+    variants = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if len(variants) == 1:
+        note(f"{folder}: using the only weights file there, the variant {variants[0].name}")
+        return variants
+    raise FileNotFoundError(f"{folder}: no weights file (*.safetensors or *.bin), or several variants: "
+                            f"{[p.name for p in variants]}")
+
+
+def is_diffusers_folder(path):
+    return path.is_dir() and ((path / "model_index.json").exists() or (path / "unet").is_dir())
+
+
+def load_state_dict_any(path, dtype=None):
+    """Any weights file (or a diffusers folder) -> one flat dict in our naming, keys prefixed by component;
+    floating tensors cast to dtype (one at a time) if given."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if is_diffusers_folder(path):
+        sd = {}
+        for c in COMPONENTS:
+            if (path / c).is_dir():
+                sd.update(load_state_dict_any(path / c, dtype))
+        return sd
+    files = weight_files(path) if path.is_dir() else [path]  # a folder here is one component's, e.g. unet/
+    return from_checkpoint({k: v for f in files for k, v in read_file(f, dtype)[0].items()}, path)
+
+# -----------------------------------------------------------------------------
+# Configs: from config.json files, from file metadata, or inferred from shapes and matched to a preset; and back
+
+
+def unet_config_from_keys(sd):
+    """The U-Net architecture from our names and shapes. Heads cannot be seen in weights: 8 per stage (SD v1, BK)."""
+    n = n_children(sd, "down_blocks.")
+    # proj_in is a 1x1 conv in SD v1 and a Linear in SD 2.x; a U-Net without cross-attention gets SD v1's 768
+    proj = next((v for k, v in sd.items() if k.endswith("proj_in.weight")), torch.empty(0, 0, 1, 1))
+    ctx = next((v.shape[1] for k, v in sd.items() if k.endswith("attn2.to_k.weight")), 768)
+    return UNetConfig(in_channels=sd["conv_in.weight"].shape[1], out_channels=sd["conv_out.weight"].shape[0],
+                      block_out_channels=tuple(sd[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
+                                               for i in range(n)),
+                      layers_per_block=tuple(n_children(sd, f"down_blocks.{i}.resnets.") for i in range(n)),
+                      cross_attn=tuple(n_children(sd, f"down_blocks.{i}.attentions.") > 0 for i in range(n)),
+                      mid_block=any(k.startswith("mid_block.") for k in sd), num_heads=(8,) * n,
+                      cross_attention_dim=ctx, use_linear_projection=proj.ndim == 2)
+
+
+def vae_config_from_keys(sd):
+    n = n_children(sd, "encoder.down_blocks.")
+    return VAEConfig(in_channels=sd["encoder.conv_in.weight"].shape[1],
+                     out_channels=sd["decoder.conv_out.weight"].shape[0],
+                     latent_channels=sd["post_quant_conv.weight"].shape[0],
+                     block_out_channels=tuple(sd[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]
+                                              for i in range(n)),
+                     layers_per_block=n_children(sd, "encoder.down_blocks.0.resnets."))
+
+
+def text_config_from_keys(sd):
+    emb, fc1 = sd["text_model.embeddings.token_embedding.weight"], sd["text_model.encoder.layers.0.mlp.fc1.weight"]
+    return CLIPTextConfig(vocab_size=emb.shape[0], hidden_size=emb.shape[1], intermediate_size=fc1.shape[0],
+                          max_position_embeddings=sd["text_model.embeddings.position_embedding.weight"].shape[0],
+                          num_hidden_layers=n_children(sd, "text_model.encoder.layers."),
+                          num_attention_heads=max(1, emb.shape[1] // 64))  # 64-wide heads, as in every CLIP
+
+
+def vae_config_to_diffusers(cfg):
+    """diffusers' AutoencoderKL config.json for cfg (UNetConfig.to_diffusers() is the U-Net's)."""
+    n = len(cfg.block_out_channels)
+    return dict(_class_name="AutoencoderKL", in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+                latent_channels=cfg.latent_channels, block_out_channels=list(cfg.block_out_channels),
+                layers_per_block=cfg.layers_per_block, norm_num_groups=cfg.norm_num_groups,
+                down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                act_fn="silu", scaling_factor=cfg.scaling_factor, sample_size=512)  # SD v1's image size
+
+
+def text_config_to_hf(cfg):
+    """transformers' CLIPTextConfig config.json for cfg; the token ids are the ones CLIPTextConfig defaults to."""
+    return dict(asdict(cfg), architectures=["CLIPTextModel"], model_type="clip_text_model",
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+
+
+# Per component: config class, presets, inference from shapes, the config fields that shapes cannot show (a preset
+# with the same visible fields supplies them), model class, config.json writer.
+Kind = namedtuple("Kind", "config presets from_keys hidden model to_json")
+KINDS = {"unet": Kind(UNetConfig, unet_mod.PRESETS, unet_config_from_keys,
+                      ("num_heads", "norm_num_groups", "norm_eps", "flip_sin_to_cos", "freq_shift",
+                       "upcast_attention", "sample_size", "attention"), UNet, UNetConfig.to_diffusers),
+         "vae": Kind(VAEConfig, vae_mod.PRESETS, vae_config_from_keys,
+                     ("norm_num_groups", "norm_eps", "scaling_factor", "attention"), AutoencoderKL,
+                     vae_config_to_diffusers),
+         "text_encoder": Kind(CLIPTextConfig, clip_text.PRESETS, text_config_from_keys,
+                              ("num_attention_heads", "hidden_act", "layer_norm_eps"), CLIPTextModel,
+                              text_config_to_hf)}
+
+
+def config_from_dict(cls, d):
+    """A config dataclass from a JSON dict: unknown fields dropped, lists back to tuples."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+
+def config_metadata(cfgs):
+    """Our exact configs (heads included) as safetensors metadata; read_configs() prefers them to inference."""
+    return {"format": "pt", **{f"minisd_{c}_config": json.dumps(asdict(cfg)) for c, cfg in cfgs.items()}}
+
+
+def infer_config(component, sd, path=""):
+    """Inferred from the shapes; a preset with the same visible structure supplies what shapes cannot show."""
+    kind = KINDS[component]
+    cfg = kind.from_keys(sd)
+    visible = lambda c: {k: v for k, v in asdict(c).items() if k not in kind.hidden}
+    for name, preset in kind.presets.items():
+        if visible(preset) == visible(cfg):
+            note(f"{path}: {component} architecture inferred from the weights: preset {name}")
+            return preset
+    assumed = ", ".join(f"{h}={getattr(cfg, h)}" for h in kind.hidden[:2])
+    note(f"{path}: {component} architecture inferred from the weights matches no preset (closest: "
+         f"{closest_preset(component, sd)}); assumed {assumed}")
+    return cfg
+
+
+def model_keys(component, cfg):
+    """{name: shape} of our model for cfg, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in KINDS[component].model(cfg).state_dict().items()}
+
+
+def closest_preset(component, sd):
+    """The preset whose (name, shape) set overlaps sd's most (Jaccard)."""
+    have = {(k, tuple(v.shape)) for k, v in sd.items()}
+    want = {n: set(model_keys(component, c).items()) for n, c in KINDS[component].presets.items()}
+    return max(want, key=lambda n: len(have & want[n]) / len(have | want[n]))
+
+
+def check_keys(component, cfg, sd, path=""):
+    """strict=True's key check before loading, with an error a person can act on: missing and unexpected keys and
+    wrong shapes grouped by prefix (3 levels), with counts, and the preset the file resembles most."""
+    want = model_keys(component, cfg)
+    missing, unexpected = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {want[k]}" for k in sorted(set(want) & set(sd))
+              if tuple(sd[k].shape) != want[k]]
+    if missing or unexpected or shapes:
+        name = next((f"preset {n!r}" for n, c in KINDS[component].presets.items() if c == cfg), repr(cfg))
+        raise ValueError(f"{path}: the {component} weights do not fit the architecture {name}.\n"
+                         f"  missing ({len(missing)}): {group(missing)}\n"
+                         f"  unexpected ({len(unexpected)}): {group(unexpected)}\n"
+                         f"  wrong shape ({len(shapes)}): {shapes[:5]}\n"
+                         f"  the weights most resemble preset {closest_preset(component, sd)!r}")
+
+
+def group(keys):
+    """Key counts per module: names cut after an index in 3rd place or later (`down_blocks.0.resnets.1`,
+    `mid_block.resnets.0`), else after 4 parts."""
+    def head(k):
+        parts = k.split(".")
+        cut = next((i for i, p in enumerate(parts[:4]) if i >= 2 and p.isdigit()), 3)
+        return ".".join(parts[:cut + 1])
+    return dict(Counter(head(k) for k in keys))
+
+
+def read_configs(path, parts, arch=None):
+    """Each present component's config: a diffusers folder's config.json, else (single files) --arch for the
+    U-Net, else the configs to_single_file() stores in the metadata, else inferred from the shapes."""
+    path, cfgs, meta = Path(path), {}, {}
+    if path.suffix == ".safetensors":  # the header again: load_state_dict_any() returns the tensors only
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+    for c in parts:
+        if is_diffusers_folder(path) and (path / c / "config.json").exists():
+            d = json.loads((path / c / "config.json").read_text())
+            # field names match diffusers' AutoencoderKL and transformers' CLIPTextConfig; absent ones default
+            cfgs[c] = UNetConfig.from_diffusers(d) if c == "unet" else config_from_dict(KINDS[c].config, d)
+        elif c == "unet" and arch:
+            cfgs[c] = unet_mod.PRESETS[arch]
+        elif f"minisd_{c}_config" in meta:
+            cfgs[c] = config_from_dict(KINDS[c].config, json.loads(meta[f"minisd_{c}_config"]))
+        else:
+            cfgs[c] = infer_config(c, parts[c], path)
+    return cfgs
+
+
+def read_scheduler(path):
+    """A diffusers folder's scheduler config, else SD v1's PNDM config (a single file carries none)."""
+    f = Path(path) / "scheduler" / "scheduler_config.json"
+    return json.loads(f.read_text()) if f.is_file() else dict(SD_V1_SCHEDULER)
+
+# -----------------------------------------------------------------------------
+# load_pipeline: meta-device models, tensors converted one at a time, assigned without a copy
+
+
+@dataclass
+class Pipeline:
+    unet: UNet
+    text_encoder: CLIPTextModel
+    tokenizer: Tokenizer
+    vae: AutoencoderKL
+    unet_cfg: UNetConfig
+    text_cfg: CLIPTextConfig
+    vae_cfg: VAEConfig
+    scheduler_config: dict   # scheduler/scheduler_config.json if present, else SD v1's PNDM config
+    name: str                # what was loaded (its path), for PNG metadata
+
+
+def build(component, cfg, sd, dtype, device, path=""):
+    """Our model for cfg holding sd's tensors, in eval() mode (sd is emptied)."""
+    check_keys(component, cfg, sd, path)
+    # On the meta device a model has shapes but no memory and no random init; assign=True then makes the file's
+    # tensors its parameters, so a tensor already in dtype on device is used as it is, never copied.
+    with torch.device("meta"):
+        model = KINDS[component].model(cfg)
+    tensors = {}
+    for k in list(sd):  # popping each source as it is converted releases it: peak = the result + one source tensor
+        v = sd.pop(k)
+        tensors[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a buffer outside the state dict would stay on meta: our models have none, keep it so
+        raise RuntimeError(f"{component}: tensors left on the meta device after loading: {left[:5]}")
+    return model.eval()
+
+
+def find_tokenizer(path, tokenizer=None):
+    """The tokenizer given, else a tokenizer/ folder in (or beside) path, else a vocabulary beside a single file,
+    else OpenAI's vocabulary from an installed CLIP package."""
+    folder = path if path.is_dir() else path.parent
+    for cand in (tokenizer, folder / "tokenizer", None if path.is_dir() else folder, find_openai_vocab()):
+        if cand is not None and (Path(cand).is_file() or
+                                 any((Path(cand) / f).exists() for f in ("vocab.json", "tokenizer.json"))):
+            return Tokenizer(cand)
+    raise FileNotFoundError(f"{path}: no tokenizer: pass tokenizer=<tokenizer folder or bpe_simple_vocab_16e6.txt.gz>, "
+                            f"put a tokenizer/ folder next to the file, or `pip install --no-deps clip-anytorch`")
+
+
+def load_pipeline(path, dtype=torch.float32, device="cpu", arch=None, tokenizer=None):
+    """A diffusers folder or a single-file checkpoint -> Pipeline, in dtype on device, models in eval() mode.
+    arch: a unet.PRESETS name overriding the U-Net architecture of a single file."""
+    path, dtype = Path(path), DTYPES.get(dtype, dtype)
+    parts = split_components(load_state_dict_any(path, dtype))  # cast while reading: never two copies of a file
+    missing = [c for c in COMPONENTS if c not in parts]
+    if missing:
+        raise ValueError(f"{path}: no {missing} weights in it (found: {sorted(parts)}); load_pipeline needs all "
+                         f"three (load_state_dict_any reads single components)")
+    cfgs, tok = read_configs(path, parts, arch), find_tokenizer(path, tokenizer)
+    m = {c: build(c, cfgs[c], parts.pop(c), dtype, device, path) for c in COMPONENTS}
+    return Pipeline(m["unet"], m["text_encoder"], tok, m["vae"], cfgs["unet"], cfgs["text_encoder"], cfgs["vae"],
+                    read_scheduler(path), str(path))
+
+# -----------------------------------------------------------------------------
+# Export: the LDM single file, or a diffusers folder. safetensors, contiguous tensors, configs as metadata
+
+
+def parts_and_configs(src, components, configs=None, path=""):
+    """(state dicts, configs) per component from a Pipeline, or from a load_state_dict_any() dict plus configs
+    (read_configs); configs not given are inferred from the shapes."""
+    if isinstance(src, Pipeline):
+        models = {"unet": (src.unet, src.unet_cfg), "vae": (src.vae, src.vae_cfg),
+                  "text_encoder": (src.text_encoder, src.text_cfg)}
+        return {c: models[c][0].state_dict() for c in components}, {c: models[c][1] for c in components}
+    parts, configs = split_components(src), configs or {}
+    missing = [c for c in components if c not in parts]
+    if missing:
+        raise ValueError(f"{path}: no {missing} weights to export (found {sorted(parts)})")
+    return {c: parts[c] for c in components}, {c: configs.get(c) or infer_config(c, parts[c], path) for c in components}
+
+
+def prepare(t, dtype):
+    t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return t.contiguous()  # safetensors refuses views (sd.cpp's BK note)
+
+
+def to_single_file(src, path, dtype=None, components=COMPONENTS, configs=None):
+    """Write the LDM single-file layout (model.diffusion_model., first_stage_model. with 1x1-conv attention,
+    cond_stage_model.transformer.text_model.) as safetensors, our configs stored as metadata.
+    src: a Pipeline or a load_state_dict_any() dict (then configs: {component: config}, else inferred)."""
+    parts, cfgs = parts_and_configs(src, components, configs, path)
+    prefix = {c: p for p, c, layout in PREFIXES if layout}  # the LDM rows of PREFIXES
+    to_ldm = {"unet": unet_to_ldm, "vae": vae_to_ldm, "text_encoder": dict}  # CLIP keeps HF's names in LDM files
+    out = {}
+    for c in components:
+        out.update({prefix[c] + k: prepare(v, dtype) for k, v in to_ldm[c](parts[c]).items()})
+    save_file(out, str(path), metadata=config_metadata(cfgs))
+
+
+def to_diffusers(src, folder, dtype=None, components=COMPONENTS, configs=None, tokenizer=None, scheduler_config=None):
+    """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder/, scheduler/, tokenizer/ when a
+    tokenizer source is known) that diffusers' from_pretrained loads."""
+    folder = Path(folder)
+    parts, cfgs = parts_and_configs(src, components, configs, folder)
+    for c in components:
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        (folder / c / "config.json").write_text(json.dumps(KINDS[c].to_json(cfgs[c]), indent=2))
+        save_file({k: prepare(v, dtype) for k, v in parts[c].items()}, str(folder / c / WEIGHTS[c][0]),
+                  metadata=config_metadata({c: cfgs[c]}))
+    if set(components) != set(COMPONENTS):
+        return  # some models, not a pipeline: no scheduler/, tokenizer/ or model_index.json
+    (folder / "scheduler").mkdir(exist_ok=True)
+    sched = src.scheduler_config if isinstance(src, Pipeline) else scheduler_config or SD_V1_SCHEDULER
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+    tok = write_tokenizer(folder / "tokenizer", tokenizer)
+    index = dict(_class_name="StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"],
+                 vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],
+                 tokenizer=["transformers", "CLIPTokenizer"] if tok else [None, None],
+                 scheduler=["diffusers", sched.get("_class_name", "PNDMScheduler")],
+                 safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_tokenizer(dst, source):
+    """Copy a tokenizer folder, or write vocab.json + merges.txt from OpenAI's gz; False when there is none."""
+    source = Path(source) if source else find_openai_vocab()
+    if source is None:
+        note("no tokenizer source: the diffusers folder gets no tokenizer/")
+        return False
+    dst.mkdir(exist_ok=True)
+    if source.is_dir():
+        for f in source.iterdir():
+            if f.is_file() and f.parent.resolve() != dst.resolve():
+                shutil.copy(f, dst / f.name)
+        return True
+    vocab, merges = openai_vocab(source)
+    (dst / "vocab.json").write_text(json.dumps(vocab))
+    (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    # 77: CLIP's context length; SD v1 pads with <|endoftext|> (clip_text.Tokenizer reads this file)
+    (dst / "tokenizer_config.json").write_text(json.dumps(dict(model_max_length=77, pad_token="<|endoftext|>",
+                                                               tokenizer_class="CLIPTokenizer")))
+    return True
+
+# -----------------------------------------------------------------------------
+# Fetching models: the few files a pipeline needs, from the Hugging Face Hub (reference 4). Every failure raises an
+# OSError subclass (ConnectionError, PermissionError, FileNotFoundError), so that a command line catches one.
+
+COMPLETE = ".minisd-complete.json"  # written last: its presence means every file arrived and was verified
+# What a pipeline needs. Weights (WEIGHTS above): the full-precision, non-variant file, safetensors before pickle;
+# so never *.fp16.*, *.non_ema.*, *.ema.*, safety_checker/, feature_extractor/ or the single-file .ckpt at the root.
+NEEDED = ["model_index.json", "text_encoder/config.json", "unet/config.json", "vae/config.json"]
+# load_pipeline has fallbacks for these (SD v1's PNDM config; the OpenAI CLIP vocabulary)
+OPTIONAL = ["scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+            "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/tokenizer.json"]
+
+
+def cache_dir():
+    return Path(os.environ.get("MINISD_CACHE") or Path.home() / ".cache" / "minisd")
+
+
+def is_complete(folder):
+    """model_index.json plus config and weights for each model: what load_pipeline reads."""
+    return (folder / "model_index.json").is_file() and all(
+        (folder / sub / "config.json").is_file() and any((folder / sub / w).is_file() for w in names)
+        for sub, names in WEIGHTS.items())
+
+
+def cached(repo_id, root=None):
+    """A complete local copy of repo_id: ours first, else a snapshot in the Hugging Face hub cache, else None."""
+    ours = Path(root or cache_dir()) / repo_id.replace("/", "--")
+    if (ours / COMPLETE).is_file():
+        return ours
+    hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    hub = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub") / ("models--" + repo_id.replace("/", "--"))
+    # refs/main names the snapshot huggingface_hub would load; any other complete one is still better than a download
+    ref = hub / "refs" / "main"
+    snaps = [hub / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
+    snaps += sorted((hub / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    # is_file() follows the hub cache's symlinks into blobs/, which exist only once a blob is complete
+    return next((s for s in snaps if is_complete(s)), None)
+
+
+def hub_get(url, token, what, headers=None):
+    """urlopen with a timeout, its failures turned into errors that say what to do. As huggingface_hub reads them:
+    a missing repo answers 404, or 401 when no token is sent (so that private repos stay secret); a gated repo
+    answers 401 without a token and 403 with one whose owner has not accepted the licence."""
+    req = urllib.request.Request(url, headers=headers or {})
+    if token:  # "unredirected": urllib then does not forward the token to the CDN that LFS downloads redirect to
+        req.add_unredirected_header("Authorization", f"Bearer {token}")
+    try:
+        return urllib.request.urlopen(req, timeout=30)  # seconds a socket may sit silent: then the hub is unreachable
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and headers:  # Range not satisfiable: the caller restarts the file
+            raise
+        if e.code in (401, 403):
+            raise PermissionError(f"access to {what} was refused (HTTP {e.code} for {url}): the repo is gated or "
+                                  "private, or does not exist. For a gated repo, accept its licence on the model "
+                                  "page and set HF_TOKEN to an access token (https://huggingface.co/settings/tokens)"
+                                  + ("; the token given has no access" if token else "")) from None
+        if e.code == 404:
+            raise FileNotFoundError(f"{what} not found on the hub (HTTP 404 for {url})") from None
+        raise ConnectionError(f"the hub answered HTTP {e.code} {e.reason} for {url}; try again later") from None
+    except (OSError, http.client.HTTPException) as e:  # URLError, DNS failure, refused, timeout, reset
+        raise ConnectionError(f"could not reach the Hugging Face Hub at {url} ({getattr(e, 'reason', e)}). Check "
+                              "your network connection, set HF_ENDPOINT to a reachable mirror, or pass --weights "
+                              "with a local diffusers folder") from None
+
+
+def mismatch(path, size, sha256):
+    """Why path is not the file the hub describes, or None. (Config files have no sha256 in the API: size only.)"""
+    if size is not None and path.stat().st_size != size:
+        return f"expected {size} bytes, got {path.stat().st_size}"
+    if sha256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if h.hexdigest() != sha256:
+            return f"expected sha256 {sha256}, got {h.hexdigest()}"
+    return None
+
+
+def fetch_file(url, path, name, size, sha256, token, progress):
+    """Download url to path via path.part, resuming a .part left by an interrupted run; verify, then rename."""
+    if path.is_file() and mismatch(path, size, sha256) is None:
+        return  # already here and intact
+    part = path.with_name(path.name + ".part")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.is_file() else 0
+    if size is not None and have > size:  # longer than the file: not a prefix of it, start over
+        have = 0
+    if size is None or have < size:  # a .part of the full size only needs verifying
+        try:
+            resp = hub_get(url, token, name, {"Range": f"bytes={have}-"} if have else None)
+        except urllib.error.HTTPError:  # 416: the server cannot continue our .part, so start it over
+            part.unlink()
+            have, resp = 0, hub_get(url, token, name)
+        if resp.status != 206:  # the server ignored Range and sends the whole file: restart rather than append
+            have = 0
+        done, t0, shown = have, time.time(), 0.0
+        try:
+            with resp, open(part, "ab" if have else "wb") as f:
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    done += len(chunk)
+                    if progress and (time.time() - shown > 0.2 or done == size):
+                        shown = time.time()
+                        rate = (done - have) / 1e6 / max(shown - t0, 1e-6)
+                        sys.stderr.write(f"\r{name}: {done / 1e6:.1f}/{(size or done) / 1e6:.1f} MB {rate:.1f} MB/s ")
+        except (OSError, http.client.HTTPException) as e:  # dropped mid-transfer: keep the .part for the next run
+            raise ConnectionError(f"download of {url} was interrupted at {done / 1e6:.1f} MB ({e!r}); "
+                                  "run the same command again to resume") from None
+        finally:
+            if progress:
+                sys.stderr.write("\n")
+    got = part.stat().st_size
+    if size is not None and got < size:  # the server closed early without an error: resumable, not corrupt
+        raise ConnectionError(f"download of {url} stopped at {got} of {size} bytes; run it again to resume")
+    if bad := mismatch(part, size, sha256):  # a wrong .part never becomes right by resuming: delete it
+        part.unlink()
+        raise OSError(f"{name} from {url} is corrupt: {bad}. Run the command again to re-download it")
+    os.replace(part, path)  # atomic: the final name only ever holds a verified file
+
+
+def download(repo_id, root=None, revision="main", token=None, endpoint=None, progress=True):
+    """Fetch the files a pipeline needs into <root>/<owner>--<name>/ and return that folder."""
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    token = token or os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    dest = Path(root or cache_dir()) / repo_id.replace("/", "--")
+    # the API answers {"sha": commit, "siblings": [{"rfilename", "size", "lfs": {"sha256", "size"} for LFS files}]}
+    api = f"{endpoint}/api/models/{repo_id}/revision/{quote(revision, safe='')}?blobs=true"
+    with hub_get(api, token, f"repository {repo_id} at revision {revision}") as resp:
+        info = json.load(resp)
+    files = {s["rfilename"]: s for s in info.get("siblings", [])}
+    # per model, the first of its WEIGHTS names the repo has; if none, the first name, for the error to report
+    weights = [next((f"{sub}/{w}" for w in names if f"{sub}/{w}" in files), f"{sub}/{names[0]}")
+               for sub, names in WEIGHTS.items()]
+    missing = [f for f in NEEDED + weights if f not in files]
+    if missing:
+        raise FileNotFoundError(f"{repo_id} is not a diffusers Stable Diffusion repo: it lacks {', '.join(missing)}")
+    (dest / COMPLETE).unlink(missing_ok=True)  # we are about to change files: the folder is incomplete until the end
+    commit = info.get("sha") or revision  # every file from one commit, even if the branch moves meanwhile
+    for name in NEEDED + [f for f in OPTIONAL if f in files] + weights:
+        lfs = files[name].get("lfs") or {}
+        # resolve/ answers with the bytes; for an LFS file, with a redirect to a CDN
+        fetch_file(f"{endpoint}/{repo_id}/resolve/{commit}/{quote(name)}", dest / name, f"{repo_id}/{name}",
+                   lfs.get("size", files[name].get("size")), lfs.get("sha256"), token, progress)
+    manifest = {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": endpoint}
+    (dest / COMPLETE).write_text(json.dumps(manifest, indent=1))
+    return dest
+
+# -----------------------------------------------------------------------------
+# Command line:  python convert_weights.py sd-v1-4.ckpt --out unet.safetensors --component unet
+#                python convert_weights.py download nota-ai/bk-sdm-small
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("input", help="a diffusers folder or a .safetensors/.ckpt/.pt/.bin file; or `download`")
+    ap.add_argument("repo", nargs="?", default=DEFAULT_REPO, help="with `download`: the Hugging Face repo id")
+    ap.add_argument("--out", help="output .safetensors file (single-file) or folder (diffusers)")
+    ap.add_argument("--to", default="single-file", choices=["single-file", "diffusers"], help="output layout")
+    ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="cast floating tensors (None: keep)")
+    ap.add_argument("--component", default="all", choices=["all", "unet", "vae", "text"], help="what to write")
+    ap.add_argument("--arch", default=None, choices=list(unet_mod.PRESETS), help="U-Net preset of a single file")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder or vocab .gz for a diffusers output")
+    ap.add_argument("--root", default=None, help="with `download`: cache folder (None: $MINISD_CACHE or "
+                                                 "~/.cache/minisd)")
+    args = ap.parse_args()
+    try:
+        if args.input == "download":
+            print(download(args.repo, root=args.root))
+            sys.exit(0)
+        if not args.out:
+            ap.error("--out is required")
+        comps = {"all": COMPONENTS, "text": ("text_encoder",)}.get(args.component, (args.component,))
+        src, dtype = Path(args.input), DTYPES[args.dtype] if args.dtype else None
+        sd = load_state_dict_any(src, dtype)  # cast while reading: never the whole file in two dtypes
+        cfgs = read_configs(src, {c: p for c, p in split_components(sd).items() if c in comps}, args.arch)
+        if args.to == "diffusers":
+            tok = args.tokenizer or (src / "tokenizer" if (src / "tokenizer").is_dir() else None)
+            to_diffusers(sd, args.out, dtype, comps, cfgs, tok, read_scheduler(src))
+        else:
+            to_single_file(sd, args.out, dtype, comps, cfgs)
+    except (ValueError, OSError) as e:  # the messages are written for people (the fetch errors are OSErrors)
+        sys.exit(f"error: {e}")
+    print(f"wrote {args.out} ({args.to}, {', '.join(comps)})")
