@@ -9,7 +9,6 @@ Results go in BENCHMARKS.md. Needs the dev requirements (diffusers is the refere
   python bench.py --txt2img --preset bk-small --size 256 --steps 10   # whole text-to-image run, per stage
 """
 import argparse
-import resource
 import statistics
 import subprocess
 import sys
@@ -94,13 +93,20 @@ def bench_unet(args):
         print(f"  peak memory minisd / diffusers: {peak['minisd'] / peak['diffusers']:.3f}")
 
 
+def peak_gb():
+    """This process's peak resident memory. Not ru_maxrss: Linux carries that over from the parent through fork and
+    exec, so a child spawned by a process holding a model would report the parent's peak (VmHWM is per process)."""
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmHWM:")[1].split()[0]) / 2**20  # kB -> GB
+
+
 def peak_rss(args):
     cfg, models = build(args, args.peak_rss)
     x, t, ctx = step_inputs(cfg, args)
     with torch.inference_mode():
         for name, m in models.items():
             call(name, m, x, t, ctx)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # kB -> GB
+    print(peak_gb())
 
 
 def bench_qkv(args):
@@ -164,7 +170,7 @@ def load_once(which, folder, dtype):
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=DTYPES[dtype], local_files_only=True)
         sum(p.float().sum().item() for p in pipe.unet.parameters())
     seconds = time.perf_counter() - t0
-    print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    print(seconds, peak_gb())
 
 
 def bench_load(args):

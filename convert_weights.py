@@ -40,6 +40,7 @@ import zipfile
 from collections import Counter, defaultdict, namedtuple
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from unittest import mock
 from urllib.parse import quote
 
 import torch
@@ -502,10 +503,17 @@ def infer_config(component, sd, path=""):
     return cfg
 
 
+def meta_model(component, cfg):
+    """Our model for cfg on the meta device: shapes, but no memory and no random init. normal_ (nn.Embedding's
+    init) is skipped: under the meta-device mode it runs through torch._refs, whose first call imports
+    torch._dynamo, about 2 s per process, for values that are replaced anyway."""
+    with torch.device("meta"), mock.patch("torch.nn.init.normal_", lambda t, *args, **kwargs: t):
+        return KINDS[component].model(cfg)
+
+
 def model_keys(component, cfg):
-    """{name: shape} of our model for cfg, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in KINDS[component].model(cfg).state_dict().items()}
+    """{name: shape} of our model for cfg (built on the meta device)."""
+    return {k: tuple(v.shape) for k, v in meta_model(component, cfg).state_dict().items()}
 
 
 def closest_preset(component, sd):
@@ -589,8 +597,7 @@ def build(component, cfg, sd, dtype, device, path=""):
     check_keys(component, cfg, sd, path)
     # On the meta device a model has shapes but no memory and no random init; assign=True then makes the file's
     # tensors its parameters, so a tensor already in dtype on device is used as it is, never copied.
-    with torch.device("meta"):
-        model = KINDS[component].model(cfg)
+    model = meta_model(component, cfg)
     tensors = {}
     for k in list(sd):  # popping each source as it is converted releases it: peak = the result + one source tensor
         v = sd.pop(k)
