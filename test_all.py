@@ -1692,10 +1692,9 @@ def test_cli_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
 
 
 def test_cli_loads_a_diffusers_folder_through_convert_weights(tiny_twins, tmp_path):
-    convert_weights = pytest.importorskip("convert_weights")
     ours, ref = tiny_twins
     ref.save_pretrained(tmp_path / "sd")  # a diffusers folder as published: model_index.json, unet/, vae/, ...
-    pipe = convert_weights.load_pipeline(tmp_path / "sd")
+    pipe = cw.load_pipeline(tmp_path / "sd")
     a = sampler.txt2img(pipe, "a cat", steps=3, height=64, width=64, generator=0, progress=False)
     b = sampler.txt2img(ours, "a cat", steps=3, height=64, width=64, generator=0, progress=False)
     assert torch.equal(a.latents, b.latents)
@@ -1707,8 +1706,7 @@ def test_cli_loads_a_diffusers_folder_through_convert_weights(tiny_twins, tmp_pa
 
 
 def test_cli_without_a_model_says_what_to_do(tmp_path):
-    pytest.importorskip("convert_weights")
-    env = dict(__import__("os").environ, MINISD_CACHE=str(tmp_path), HF_HOME=str(tmp_path), HF_HUB_CACHE=str(tmp_path),
+    env = dict(os.environ, MINISD_CACHE=str(tmp_path), HF_HOME=str(tmp_path), HF_HUB_CACHE=str(tmp_path),
                HF_ENDPOINT="http://127.0.0.1:9")  # nothing cached, and nothing listens on port 9
     out = subprocess.run([sys.executable, str(HERE / "sampler.py"), "a cat", "--out", str(tmp_path / "x.png")],
                          capture_output=True, text=True, timeout=300, env=env)
