@@ -329,9 +329,13 @@ def stage(times, name, device):
     times[name] = time.perf_counter() - t0
 
 
+def size_multiple(pipe):
+    """Image sides must survive the VAE's 8x and the U-Net's 2x per stage without rounding: 64 for SD v1."""
+    return pipe.vae_cfg.downsample_factor * 2 ** (len(pipe.unet_cfg.block_out_channels) - 1)
+
+
 def check_size(pipe, h, w):
-    """Image sides must survive the VAE's 8x and the U-Net's 2x per stage without rounding (64 for SD v1)."""
-    f = pipe.vae_cfg.downsample_factor * 2 ** (len(pipe.unet_cfg.block_out_channels) - 1)
+    f = size_multiple(pipe)
     if h % 8 or w % 8 or h <= 0 or w <= 0:
         raise ValueError(f"height and width must be positive multiples of 8, got {h}x{w}")
     if h % f or w % f:
@@ -448,7 +452,7 @@ def img2img(pipe, image, prompt, strength=0.8, negative_prompt=None, steps=25, g
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must lie in [0, 1], got {strength}")
     if not torch.is_tensor(image):
-        image, f = open_image(image), pipe.vae_cfg.downsample_factor * 2 ** (len(pipe.unet_cfg.block_out_channels) - 1)
+        image, f = open_image(image), size_multiple(pipe)
         W, H = image.size
         if W % f or H % f:  # round down to what the model takes; LANCZOS is diffusers' default filter
             image = image.resize((max(W // f * f, f), max(H // f * f, f)), Image.LANCZOS)
