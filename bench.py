@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from convert_weights import DTYPES
 from unet import PRESETS, Attention, UNet, attention
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def build(args, which):
@@ -145,11 +145,11 @@ def bench_qkv(args):
 
 def save_random_pipeline(preset, folder):
     """A full-size pipeline (U-Net `preset`, SD v1 VAE and CLIP) with seeded random weights, as a diffusers folder."""
+    import dataclasses
     import convert_weights as cw
-    from clip_text import find_openai_vocab
     from sampler import random_pipeline
-    pipe = cw.Pipeline(**dict(vars(random_pipeline(preset)), scheduler_config=dict(cw.SD_V1_SCHEDULER)))
-    cw.to_diffusers(pipe, folder, tokenizer=find_openai_vocab())
+    pipe = dataclasses.replace(random_pipeline(preset), scheduler_config=dict(cw.SD_V1_SCHEDULER))
+    cw.to_diffusers(pipe, folder)
     return pipe
 
 
@@ -244,7 +244,7 @@ if __name__ == "__main__":
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (the CI machine has 2 cores)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--qkv", action="store_true", help="benchmark fused vs separate q/k/v projections")
     ap.add_argument("--load", action="store_true", help="benchmark loading a saved pipeline")
     ap.add_argument("--txt2img", action="store_true", help="benchmark a whole text-to-image run")

@@ -112,8 +112,12 @@ class CLIPTextEmbeddings(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        # N(0, 1) drawn with randn: the same values as nn.Embedding's own normal_ init, which on the meta device
+        # (where convert_weights.py builds models to load) would import torch._dynamo, slower than the whole load
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                            _weight=torch.randn(cfg.vocab_size, cfg.hidden_size))
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
+                                               _weight=torch.randn(cfg.max_position_embeddings, cfg.hidden_size))
 
     def forward(self, ids):
         # positions made on the fly instead of transformers' `position_ids` buffer: nothing to save or load
@@ -236,9 +240,11 @@ class Tokenizer:
     <|endoftext|> (also the default), SD 2.x with "!" (id 0). The model is causal, so the padding never changes
     the states of the real tokens, only of the padded positions, which the U-Net also attends to."""
 
-    def __init__(self, path, max_length=77):
+    def __init__(self, path, max_length=77, bpe=None):
         path, pad, self.max_length = Path(path), "<|endoftext|>", max_length
-        if path.name.endswith(".gz"):
+        if bpe is not None:  # (vocab, merges) given directly: from_bpe()
+            self.tok = clip_bpe(*bpe)
+        elif path.name.endswith(".gz"):
             self.tok = clip_bpe(*openai_vocab(path))
         else:
             folder = path if path.is_dir() else path.parent
@@ -257,6 +263,20 @@ class Tokenizer:
         self.bos, self.eos, self.pad = (self.tok.token_to_id(t) for t in ("<|startoftext|>", "<|endoftext|>", pad))
         if None in (self.bos, self.eos, self.pad):
             raise ValueError(f"{path}: vocabulary lacks <|startoftext|>, <|endoftext|> or the pad token {pad!r}")
+
+    @classmethod
+    def from_bpe(cls, vocab, merges):
+        """From a vocabulary dict and merge list in memory (sampler.py's byte-level toy tokenizer)."""
+        return cls("<memory>", bpe=(vocab, merges))
+
+    def save(self, folder):
+        """Write the SD `tokenizer/` layout that transformers' CLIPTokenizer reads: vocab.json, merges.txt and
+        tokenizer_config.json (the pad token and the 77-token context)."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.tok.model.save(str(folder))
+        config = dict(model_max_length=self.max_length, pad_token=self.tok.id_to_token(self.pad),
+                      tokenizer_class="CLIPTokenizer")
+        (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config))
 
     def __call__(self, prompts):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)

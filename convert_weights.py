@@ -6,10 +6,8 @@ References
 1) CompVis/stable-diffusion `ldm/modules/diffusionmodules/openaimodel.py` and `ldm/models/autoencoder.py`:
    the LDM ("single file") names, `model.diffusion_model.input_blocks.4.1.proj_in.weight`.
 2) diffusers 0.42 `loaders/single_file_utils.py` (convert_ldm_unet/vae/clip_checkpoint): the numerical oracle for
-   our LDM -> diffusers direction (see test_convert_draft.py); diffusers has no converter the other way.
+   our LDM -> diffusers direction (TestConvert in test_all.py); diffusers has no converter the other way.
 3) gpt-fast: templated rename tables; meta-device construction + load_state_dict(assign=True) + mmap.
-4) huggingface_hub (`hf_api.py` model_info, `file_download.py` hf_hub_url, hf_raise_for_status): the Hub's HTTP
-   interface, which download() speaks with the standard library.
 Checkpoint formats: ours is diffusers' / HF's naming (STYLE.md 5.3), so a diffusers folder needs no renaming.
 The LDM names are mapped by the ordered (LDM, ours) rule tables below, run forwards to load and backwards to export.
 
@@ -17,31 +15,20 @@ Convention of load_state_dict_any(): one flat dict in our naming whose keys carr
 "unet.", "vae." or "text_encoder." (the diffusers folder names), whatever the file held: a full single file gives
 all three, a lone U-Net file only "unet.*". split_components() turns it into {component: state dict}.
 Memory: models are built on the meta device and take the file's tensors as they are (assign=True): an fp32
-safetensors file loads in fp32 without a copy (memory-mapped), a cast reads and converts one tensor at a time.
-Measured on a random SD v1 U-Net (3.44 GB fp32, 2 busy CPU cores, warm page cache): cat 0.35 s; load 0.5 s, 0.7 s
-with every page touched, peak RSS 1.0x the weights; to fp16 5 s, peak 1.03x the fp16 weights; diffusers'
-from_pretrained 2.6-3.2 s, peak 1.05x.
-Extension points (not done): SD 2.x OpenCLIP text towers (`cond_stage_model.model.`), LoRA merging.
+safetensors file loads in fp32 without a copy (memory-mapped), a cast reads and converts one tensor at a time
+(figures in BENCHMARKS.md).
+Extension points (not done): SD 2.x OpenCLIP single files (`cond_stage_model.model.`), LoRA merging.
 """
 import argparse
-import hashlib
-import http.client
 import json
-import os
 import pickle
 import re
-import shutil
 import struct
 import sys
-import time
-import urllib.error
-import urllib.request
 import zipfile
 from collections import Counter, defaultdict, namedtuple
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from unittest import mock
-from urllib.parse import quote
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -50,13 +37,15 @@ from safetensors.torch import save_file
 import clip_text
 import unet as unet_mod
 import vae as vae_mod
-from clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer, find_openai_vocab, openai_vocab
+from clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer
 from unet import UNet, UNetConfig
 from vae import AutoencoderKL, VAEConfig
 
 DEFAULT_REPO = "nota-ai/bk-sdm-small"
 COMPONENTS = ("unet", "vae", "text_encoder")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# the one table of dtype names, for every command line: torch's names, and the short ones of checkpoint files
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # a diffusers component folder's weights, by name: safetensors first, then the older pickle
 WEIGHTS = {"text_encoder": ["model.safetensors", "pytorch_model.bin"],
            "unet": ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"],
@@ -114,11 +103,7 @@ def read_file(path, dtype=None):
                     return {k: f.get_tensor(k) for k in f.keys()}, meta
             # A cast reads each tensor with pread and converts it at once. Cast from a mapping instead, and every
             # source page stays resident until the file's last tensor is freed: peak = file + result.
-            try:
-                f = safe_open(path, framework="pt", backend="pread")
-            except TypeError:  # safetensors < 0.8 has no pread backend: map, and keep the sources until the end
-                f = safe_open(path, framework="pt")
-            with f:
+            with safe_open(path, framework="pt", backend="pread") as f:
                 return {k: cast(f.get_tensor(k)) for k in f.keys()}, meta
         except SafetensorError as e:
             raise ValueError(f"{path}: cannot read this safetensors file: {diagnose_safetensors(path)} ({e})") from e
@@ -504,10 +489,8 @@ def infer_config(component, sd, path=""):
 
 
 def meta_model(component, cfg):
-    """Our model for cfg on the meta device: shapes, but no memory and no random init. normal_ (nn.Embedding's
-    init) is skipped: under the meta-device mode it runs through torch._refs, whose first call imports
-    torch._dynamo, about 2 s per process, for values that are replaced anyway."""
-    with torch.device("meta"), mock.patch("torch.nn.init.normal_", lambda t, *args, **kwargs: t):
+    """Our model for cfg on the meta device: shapes, but no memory and no random init."""
+    with torch.device("meta"):
         return KINDS[component].model(cfg)
 
 
@@ -591,6 +574,11 @@ class Pipeline:
     scheduler_config: dict   # scheduler/scheduler_config.json if present, else SD v1's PNDM config
     name: str                # what was loaded (its path), for PNG metadata
 
+    def to(self, device, dtype):
+        for m in (self.unet, self.text_encoder, self.vae):
+            m.to(device, dtype)
+        return self
+
 
 def build(component, cfg, sd, dtype, device, path=""):
     """Our model for cfg holding sd's tensors, in eval() mode (sd is emptied)."""
@@ -602,35 +590,36 @@ def build(component, cfg, sd, dtype, device, path=""):
     for k in list(sd):  # popping each source as it is converted releases it: peak = the result + one source tensor
         v = sd.pop(k)
         tensors[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
-    model.load_state_dict(tensors, strict=True, assign=True)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:  # a buffer outside the state dict would stay on meta: our models have none, keep it so
-        raise RuntimeError(f"{component}: tensors left on the meta device after loading: {left[:5]}")
+    model.load_state_dict(tensors, strict=True, assign=True)  # our models have no buffers outside the state dict
     return model.eval()
 
 
-def find_tokenizer(path, tokenizer=None):
-    """The tokenizer given, else a tokenizer/ folder in (or beside) path, else a vocabulary beside a single file,
-    else OpenAI's vocabulary from an installed CLIP package."""
+def find_tokenizer(path, width, tokenizer=None):
+    """The tokenizer given, else a tokenizer/ folder in (or beside) path, else, as diffusers does for a single file,
+    the one of SD's family for this text-encoder width from the Hugging Face cache, fetched on first use."""
     folder = path if path.is_dir() else path.parent
-    for cand in (tokenizer, folder / "tokenizer", None if path.is_dir() else folder, find_openai_vocab()):
-        if cand is not None and (Path(cand).is_file() or
-                                 any((Path(cand) / f).exists() for f in ("vocab.json", "tokenizer.json"))):
+    for cand in (tokenizer, folder / "tokenizer"):
+        if cand is not None and Path(cand).exists():
             return Tokenizer(cand)
-    raise FileNotFoundError(f"{path}: no tokenizer: pass tokenizer=<tokenizer folder or bpe_simple_vocab_16e6.txt.gz>, "
-                            f"put a tokenizer/ folder next to the file, or `pip install --no-deps clip-anytorch`")
+    try:
+        return hub_tokenizer(width)
+    except OSError as e:
+        raise OSError(f"{path}: no tokenizer/ folder beside it, and SD's tokenizer is not cached ({e}). Run once "
+                      "with a network, or pass tokenizer=<a tokenizer/ folder> (sampler.py: put it next to the "
+                      "file)") from None
 
 
 def load_pipeline(path, dtype=torch.float32, device="cpu", arch=None, tokenizer=None):
     """A diffusers folder or a single-file checkpoint -> Pipeline, in dtype on device, models in eval() mode.
     arch: a unet.PRESETS name overriding the U-Net architecture of a single file."""
-    path, dtype = Path(path), DTYPES.get(dtype, dtype)
+    path, dtype = Path(path), DTYPES[dtype] if isinstance(dtype, str) else dtype
     parts = split_components(load_state_dict_any(path, dtype))  # cast while reading: never two copies of a file
     missing = [c for c in COMPONENTS if c not in parts]
     if missing:
         raise ValueError(f"{path}: no {missing} weights in it (found: {sorted(parts)}); load_pipeline needs all "
                          f"three (load_state_dict_any reads single components)")
-    cfgs, tok = read_configs(path, parts, arch), find_tokenizer(path, tokenizer)
+    cfgs = read_configs(path, parts, arch)
+    tok = find_tokenizer(path, cfgs["text_encoder"].hidden_size, tokenizer)
     m = {c: build(c, cfgs[c], parts.pop(c), dtype, device, path) for c in COMPONENTS}
     return Pipeline(m["unet"], m["text_encoder"], tok, m["vae"], cfgs["unet"], cfgs["text_encoder"], cfgs["vae"],
                     read_scheduler(path), str(path))
@@ -672,8 +661,8 @@ def to_single_file(src, path, dtype=None, components=COMPONENTS, configs=None):
 
 
 def to_diffusers(src, folder, dtype=None, components=COMPONENTS, configs=None, tokenizer=None, scheduler_config=None):
-    """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder/, scheduler/, tokenizer/ when a
-    tokenizer source is known) that diffusers' from_pretrained loads."""
+    """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder/, scheduler/, and tokenizer/ from a
+    Pipeline's tokenizer or the clip_text.Tokenizer given) that diffusers' from_pretrained loads."""
     folder = Path(folder)
     parts, cfgs = parts_and_configs(src, components, configs, folder)
     for c in components:
@@ -686,7 +675,11 @@ def to_diffusers(src, folder, dtype=None, components=COMPONENTS, configs=None, t
     (folder / "scheduler").mkdir(exist_ok=True)
     sched = src.scheduler_config if isinstance(src, Pipeline) else scheduler_config or SD_V1_SCHEDULER
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
-    tok = write_tokenizer(folder / "tokenizer", tokenizer)
+    tok = src.tokenizer if isinstance(src, Pipeline) else tokenizer
+    if tok is not None:
+        tok.save(folder / "tokenizer")
+    else:
+        note(f"{folder}: no tokenizer given: the diffusers folder gets no tokenizer/")
     index = dict(_class_name="StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"],
                  vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],
                  tokenizer=["transformers", "CLIPTokenizer"] if tok else [None, None],
@@ -695,173 +688,68 @@ def to_diffusers(src, folder, dtype=None, components=COMPONENTS, configs=None, t
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
-def write_tokenizer(dst, source):
-    """Copy a tokenizer folder, or write vocab.json + merges.txt from OpenAI's gz; False when there is none."""
-    source = Path(source) if source else find_openai_vocab()
-    if source is None:
-        note("no tokenizer source: the diffusers folder gets no tokenizer/")
-        return False
-    dst.mkdir(exist_ok=True)
-    if source.is_dir():
-        for f in source.iterdir():
-            if f.is_file() and f.parent.resolve() != dst.resolve():
-                shutil.copy(f, dst / f.name)
-        return True
-    vocab, merges = openai_vocab(source)
-    (dst / "vocab.json").write_text(json.dumps(vocab))
-    (dst / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
-    # 77: CLIP's context length; SD v1 pads with <|endoftext|> (clip_text.Tokenizer reads this file)
-    (dst / "tokenizer_config.json").write_text(json.dumps(dict(model_max_length=77, pad_token="<|endoftext|>",
-                                                               tokenizer_class="CLIPTokenizer")))
-    return True
-
 # -----------------------------------------------------------------------------
-# Fetching models: the few files a pipeline needs, from the Hugging Face Hub (reference 4). Every failure raises an
-# OSError subclass (ConnectionError, PermissionError, FileNotFoundError), so that a command line catches one.
+# Fetching models with huggingface_hub into its shared cache (~/.cache/huggingface/hub, or HF_HUB_CACHE): a model
+# fetched once with diffusers is found there and not fetched again; HF_TOKEN, HF_ENDPOINT (a mirror) and
+# HF_HUB_OFFLINE work as for every Hugging Face library. Every failure is an OSError with one line that says what to do.
 
-COMPLETE = ".minisd-complete.json"  # written last: its presence means every file arrived and was verified
-# What a pipeline needs. Weights (WEIGHTS above): the full-precision, non-variant file, safetensors before pickle;
-# so never *.fp16.*, *.non_ema.*, *.ema.*, safety_checker/, feature_extractor/ or the single-file .ckpt at the root.
-NEEDED = ["model_index.json", "text_encoder/config.json", "unet/config.json", "vae/config.json"]
-# load_pipeline has fallbacks for these (SD v1's PNDM config; the OpenAI CLIP vocabulary)
-OPTIONAL = ["scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-            "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/tokenizer.json"]
+# What a pipeline needs: configs and tokenizer, then one full-precision weights file per model (WEIGHTS above):
+# never the *.fp16.* / *.non_ema.* variants, safety_checker/, feature_extractor/ or the single-file .ckpt.
+CONFIGS = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/*", *(f"{c}/config.json" for c in WEIGHTS)]
+# SD's tokenizer per text-encoder width, as diffusers' single-file loader takes it (a single file carries none):
+# SD v1's CLIP ViT-L/14, and SD 2.x's OpenCLIP ViT-H (which pads with "!")
+TOKENIZERS = {768: ("openai/clip-vit-large-patch14", ""), 1024: ("stabilityai/stable-diffusion-2", "tokenizer/")}
+TOKENIZER_FILES = ["vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"]
 
 
-def cache_dir():
-    return Path(os.environ.get("MINISD_CACHE") or Path.home() / ".cache" / "minisd")
+def snapshot(repo_id, patterns, local_only=False):
+    """huggingface_hub's snapshot_download of the files matching patterns; its errors in words."""
+    from huggingface_hub import errors, snapshot_download  # imported here: loading local files needs no hub
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_only))
+    except errors.GatedRepoError:
+        raise PermissionError(f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id} and set "
+                              "HF_TOKEN to an access token (https://huggingface.co/settings/tokens)") from None
+    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError):
+        raise FileNotFoundError(f"{repo_id} not found on the Hugging Face Hub (a private repo needs HF_TOKEN)") \
+            from None
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled, errors.HfHubHTTPError) as e:
+        why = str(e).splitlines()[0]
+        raise ConnectionError(f"{repo_id} is not in the Hugging Face cache and cannot be fetched ({why}): check the "
+                              "network, or set HF_ENDPOINT to a mirror") from None
 
 
 def is_complete(folder):
     """model_index.json plus config and weights for each model: what load_pipeline reads."""
     return (folder / "model_index.json").is_file() and all(
-        (folder / sub / "config.json").is_file() and any((folder / sub / w).is_file() for w in names)
-        for sub, names in WEIGHTS.items())
+        (folder / c / "config.json").is_file() and any((folder / c / w).is_file() for w in names)
+        for c, names in WEIGHTS.items())
 
 
-def cached(repo_id, root=None):
-    """A complete local copy of repo_id: ours first, else a snapshot in the Hugging Face hub cache, else None."""
-    ours = Path(root or cache_dir()) / repo_id.replace("/", "--")
-    if (ours / COMPLETE).is_file():
-        return ours
-    hf_home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
-    hub = Path(os.environ.get("HF_HUB_CACHE") or hf_home / "hub") / ("models--" + repo_id.replace("/", "--"))
-    # refs/main names the snapshot huggingface_hub would load; any other complete one is still better than a download
-    ref = hub / "refs" / "main"
-    snaps = [hub / "snapshots" / ref.read_text().strip()] if ref.is_file() else []
-    snaps += sorted((hub / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
-    # is_file() follows the hub cache's symlinks into blobs/, which exist only once a blob is complete
-    return next((s for s in snaps if is_complete(s)), None)
-
-
-def hub_get(url, token, what, headers=None):
-    """urlopen with a timeout, its failures turned into errors that say what to do. As huggingface_hub reads them:
-    a missing repo answers 404, or 401 when no token is sent (so that private repos stay secret); a gated repo
-    answers 401 without a token and 403 with one whose owner has not accepted the licence."""
-    req = urllib.request.Request(url, headers=headers or {})
-    if token:  # "unredirected": urllib then does not forward the token to the CDN that LFS downloads redirect to
-        req.add_unredirected_header("Authorization", f"Bearer {token}")
+def cached(repo_id):
+    """The hub cache's complete copy of what a pipeline needs of repo_id, or None; never goes online."""
     try:
-        return urllib.request.urlopen(req, timeout=30)  # seconds a socket may sit silent: then the hub is unreachable
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and headers:  # Range not satisfiable: the caller restarts the file
-            raise
-        if e.code in (401, 403):
-            raise PermissionError(f"access to {what} was refused (HTTP {e.code} for {url}): the repo is gated or "
-                                  "private, or does not exist. For a gated repo, accept its licence on the model "
-                                  "page and set HF_TOKEN to an access token (https://huggingface.co/settings/tokens)"
-                                  + ("; the token given has no access" if token else "")) from None
-        if e.code == 404:
-            raise FileNotFoundError(f"{what} not found on the hub (HTTP 404 for {url})") from None
-        raise ConnectionError(f"the hub answered HTTP {e.code} {e.reason} for {url}; try again later") from None
-    except (OSError, http.client.HTTPException) as e:  # URLError, DNS failure, refused, timeout, reset
-        raise ConnectionError(f"could not reach the Hugging Face Hub at {url} ({getattr(e, 'reason', e)}). Check "
-                              "your network connection, set HF_ENDPOINT to a reachable mirror, or pass --weights "
-                              "with a local diffusers folder") from None
+        return download(repo_id, local_only=True)
+    except OSError:
+        return None
 
 
-def mismatch(path, size, sha256):
-    """Why path is not the file the hub describes, or None. (Config files have no sha256 in the API: size only.)"""
-    if size is not None and path.stat().st_size != size:
-        return f"expected {size} bytes, got {path.stat().st_size}"
-    if sha256:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        if h.hexdigest() != sha256:
-            return f"expected sha256 {sha256}, got {h.hexdigest()}"
-    return None
+def download(repo_id, local_only=False):
+    """Fetch what a pipeline needs of repo_id (resumable, verified, cached) and return the snapshot folder."""
+    folder = snapshot(repo_id, CONFIGS + [f"{c}/{names[0]}" for c, names in WEIGHTS.items()], local_only)
+    pickles = [f"{c}/{names[1]}" for c, names in WEIGHTS.items() if not (folder / c / names[0]).is_file()]
+    if pickles and (folder / "model_index.json").is_file():  # an older repo, without safetensors for some models
+        folder = snapshot(repo_id, pickles, local_only)
+    if not is_complete(folder):
+        raise FileNotFoundError(f"{repo_id} is not a diffusers Stable Diffusion repo: it lacks model_index.json, or a "
+                                f"config.json or weights file in {', '.join(WEIGHTS)}")
+    return folder
 
 
-def fetch_file(url, path, name, size, sha256, token, progress):
-    """Download url to path via path.part, resuming a .part left by an interrupted run; verify, then rename."""
-    if path.is_file() and mismatch(path, size, sha256) is None:
-        return  # already here and intact
-    part = path.with_name(path.name + ".part")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    have = part.stat().st_size if part.is_file() else 0
-    if size is not None and have > size:  # longer than the file: not a prefix of it, start over
-        have = 0
-    if size is None or have < size:  # a .part of the full size only needs verifying
-        try:
-            resp = hub_get(url, token, name, {"Range": f"bytes={have}-"} if have else None)
-        except urllib.error.HTTPError:  # 416: the server cannot continue our .part, so start it over
-            part.unlink()
-            have, resp = 0, hub_get(url, token, name)
-        if resp.status != 206:  # the server ignored Range and sends the whole file: restart rather than append
-            have = 0
-        done, t0, shown = have, time.time(), 0.0
-        try:
-            with resp, open(part, "ab" if have else "wb") as f:
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    done += len(chunk)
-                    if progress and (time.time() - shown > 0.2 or done == size):
-                        shown = time.time()
-                        rate = (done - have) / 1e6 / max(shown - t0, 1e-6)
-                        sys.stderr.write(f"\r{name}: {done / 1e6:.1f}/{(size or done) / 1e6:.1f} MB {rate:.1f} MB/s ")
-        except (OSError, http.client.HTTPException) as e:  # dropped mid-transfer: keep the .part for the next run
-            raise ConnectionError(f"download of {url} was interrupted at {done / 1e6:.1f} MB ({e!r}); "
-                                  "run the same command again to resume") from None
-        finally:
-            if progress:
-                sys.stderr.write("\n")
-    got = part.stat().st_size
-    if size is not None and got < size:  # the server closed early without an error: resumable, not corrupt
-        raise ConnectionError(f"download of {url} stopped at {got} of {size} bytes; run it again to resume")
-    if bad := mismatch(part, size, sha256):  # a wrong .part never becomes right by resuming: delete it
-        part.unlink()
-        raise OSError(f"{name} from {url} is corrupt: {bad}. Run the command again to re-download it")
-    os.replace(part, path)  # atomic: the final name only ever holds a verified file
-
-
-def download(repo_id, root=None, revision="main", token=None, endpoint=None, progress=True):
-    """Fetch the files a pipeline needs into <root>/<owner>--<name>/ and return that folder."""
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    token = token or os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    dest = Path(root or cache_dir()) / repo_id.replace("/", "--")
-    # the API answers {"sha": commit, "siblings": [{"rfilename", "size", "lfs": {"sha256", "size"} for LFS files}]}
-    api = f"{endpoint}/api/models/{repo_id}/revision/{quote(revision, safe='')}?blobs=true"
-    with hub_get(api, token, f"repository {repo_id} at revision {revision}") as resp:
-        info = json.load(resp)
-    files = {s["rfilename"]: s for s in info.get("siblings", [])}
-    # per model, the first of its WEIGHTS names the repo has; if none, the first name, for the error to report
-    weights = [next((f"{sub}/{w}" for w in names if f"{sub}/{w}" in files), f"{sub}/{names[0]}")
-               for sub, names in WEIGHTS.items()]
-    missing = [f for f in NEEDED + weights if f not in files]
-    if missing:
-        raise FileNotFoundError(f"{repo_id} is not a diffusers Stable Diffusion repo: it lacks {', '.join(missing)}")
-    (dest / COMPLETE).unlink(missing_ok=True)  # we are about to change files: the folder is incomplete until the end
-    commit = info.get("sha") or revision  # every file from one commit, even if the branch moves meanwhile
-    for name in NEEDED + [f for f in OPTIONAL if f in files] + weights:
-        lfs = files[name].get("lfs") or {}
-        # resolve/ answers with the bytes; for an LFS file, with a redirect to a CDN
-        fetch_file(f"{endpoint}/{repo_id}/resolve/{commit}/{quote(name)}", dest / name, f"{repo_id}/{name}",
-                   lfs.get("size", files[name].get("size")), lfs.get("sha256"), token, progress)
-    manifest = {"repo_id": repo_id, "revision": revision, "commit": commit, "endpoint": endpoint}
-    (dest / COMPLETE).write_text(json.dumps(manifest, indent=1))
-    return dest
+def hub_tokenizer(width):
+    """SD's tokenizer for a text encoder of this width, from the hub cache, fetched on first use."""
+    repo, sub = TOKENIZERS.get(width, TOKENIZERS[768])
+    return Tokenizer(snapshot(repo, [sub + f for f in TOKENIZER_FILES]) / sub)
 
 # -----------------------------------------------------------------------------
 # Command line:  python convert_weights.py sd-v1-4.ckpt --out unet.safetensors --component unet
@@ -878,13 +766,12 @@ if __name__ == "__main__":
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="cast floating tensors (None: keep)")
     ap.add_argument("--component", default="all", choices=["all", "unet", "vae", "text"], help="what to write")
     ap.add_argument("--arch", default=None, choices=list(unet_mod.PRESETS), help="U-Net preset of a single file")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer folder or vocab .gz for a diffusers output")
-    ap.add_argument("--root", default=None, help="with `download`: cache folder (None: $MINISD_CACHE or "
-                                                 "~/.cache/minisd)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder or vocab .gz for a diffusers output "
+                                                      "(default: the one beside the input, else SD's from the hub)")
     args = ap.parse_args()
     try:
         if args.input == "download":
-            print(download(args.repo, root=args.root))
+            print(download(args.repo))
             sys.exit(0)
         if not args.out:
             ap.error("--out is required")
@@ -893,7 +780,8 @@ if __name__ == "__main__":
         sd = load_state_dict_any(src, dtype)  # cast while reading: never the whole file in two dtypes
         cfgs = read_configs(src, {c: p for c, p in split_components(sd).items() if c in comps}, args.arch)
         if args.to == "diffusers":
-            tok = args.tokenizer or (src / "tokenizer" if (src / "tokenizer").is_dir() else None)
+            whole = comps == COMPONENTS  # a whole pipeline gets a tokenizer/ too
+            tok = find_tokenizer(src, cfgs["text_encoder"].hidden_size, args.tokenizer) if whole else None
             to_diffusers(sd, args.out, dtype, comps, cfgs, tok, read_scheduler(src))
         else:
             to_single_file(sd, args.out, dtype, comps, cfgs)

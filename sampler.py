@@ -21,6 +21,7 @@ Extension point: a new sampler is one class with set_timesteps / step (and add_n
 """
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -29,16 +30,18 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+from tqdm import tqdm
 
 import clip_text
+import convert_weights as cw
 import unet
 import vae
+from unet import randn
 
 # -----------------------------------------------------------------------------
 # Config: the SD v1 noise schedule, as its scheduler/scheduler_config.json ships it
@@ -84,18 +87,12 @@ def alphas_cumprod(cfg):
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def randn(shape, generator, device, dtype):
-    """N(0, I) drawn on the generator's device (the CPU for seeds) and then moved, so one seed gives the same image on
-    any device. Equals diffusers' randn_tensor for a CPU generator."""
-    where = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
-
 # -----------------------------------------------------------------------------
 # Samplers. Interface: set_timesteps(n); then per t in .timesteps: eps = unet(scale_model_input(x, t), t, ...),
 # x = step(eps, t, x, generator). x starts as noise * init_noise_sigma (txt2img) or add_noise(x0, noise, t) (img2img).
 
 
-class Scheduler:
+class Sampler:
     """The common part: the schedule alpha_bar_t, argument checks, the img2img start, DDPM's forward process."""
     spacings = ("leading",)  # the timestep_spacing values a sampler implements; the first is its default
     init_noise_sigma = 1.0
@@ -127,7 +124,7 @@ class Scheduler:
         return a ** 0.5 * x0 + (1 - a) ** 0.5 * noise
 
 
-class PNDM(Scheduler):
+class PNDM(Sampler):
     """PLMS as SD v1 ships it (skip_prk_steps): 4th-order Adams-Bashforth on eps, warmed up with lower orders.
     Mirrors diffusers `PNDMScheduler` (step_plms)."""
 
@@ -171,7 +168,7 @@ class PNDM(Scheduler):
         return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * eps / denom
 
 
-class DDIM(Scheduler):
+class DDIM(Sampler):
     """DDIM (eta = 0: deterministic; eta = 1: DDPM-like). Mirrors diffusers `DDIMScheduler`."""
 
     def __init__(self, cfg=SD_V1, eta=0.0):
@@ -209,12 +206,12 @@ def sigmas_at(alphas_cumprod, t):
 
 
 def vp(sigma):
-    """VE sigma -> the VP pair (alpha_t, sigma_t) of DPM-Solver: alpha_t = 1/sqrt(1 + sigma^2), sigma_t = sigma alpha_t."""
+    """VE sigma -> DPM-Solver's VP pair (alpha_t, sigma_t): alpha_t = 1/sqrt(1 + sigma^2), sigma_t = sigma alpha_t."""
     a = 1 / ((sigma ** 2 + 1) ** 0.5)
     return a, sigma * a
 
 
-class DPMSolverPP2M(Scheduler):
+class DPMSolverPP2M(Sampler):
     """DPM-Solver++(2M): a 2nd-order multistep exponential integrator in log-SNR time lambda = log(alpha_t/sigma_t)
     on the data prediction x_0. Mirrors diffusers `DPMSolverMultistepScheduler` (its defaults: dpmsolver++, order 2,
     midpoint, lower_order_final, final sigma 0)."""
@@ -252,7 +249,7 @@ class DPMSolverPP2M(Scheduler):
         return a * x0 + s * noise
 
 
-class Euler(Scheduler):
+class Euler(Sampler):
     """Euler steps of the probability-flow ODE in sigma (Karras et al.). x lives in VE scale (x_VP / sqrt(alpha_bar)),
     so the eps-model sees x / sqrt(1 + sigma^2). Mirrors diffusers `EulerDiscreteScheduler` (s_churn = 0)."""
     spacings = ("linspace", "leading")
@@ -302,8 +299,7 @@ class EulerAncestral(Euler):
 SAMPLERS = {"pndm": PNDM, "ddim": DDIM, "dpm++2m": DPMSolverPP2M, "euler": Euler, "euler_a": EulerAncestral}
 
 # -----------------------------------------------------------------------------
-# The pipelines. `pipe` is a convert_weights.Pipeline or anything with .unet .text_encoder .tokenizer .vae .unet_cfg
-# .vae_cfg .scheduler_config (random_pipeline() below builds one).
+# The pipelines. `pipe` is a convert_weights.Pipeline: from load_pipeline(), or random_pipeline() below.
 
 
 @dataclass
@@ -343,103 +339,122 @@ def check_size(pipe, h, w):
                          f"downsampling), got {h}x{w}; try {max(h // f * f, f)}x{max(w // f * f, f)}")
 
 
-@torch.no_grad()
-def prepare(pipe, prompt, negative_prompt, n, generator, sampler, steps, guidance, device, dtype, offload):
-    """What both pipelines do first: check the arguments, make the generator and scheduler, move the models, and
-    encode the text: (B*n, 77, D) states, [unconditional..., conditional...] when guiding, in diffusers' order (its
-    torch.cat([negative_prompt_embeds, prompt_embeds]), each prompt's row repeated n times), in one forward pass."""
+def make_sampler(pipe, sampler, steps):
+    """A SAMPLERS name (configured from the pipeline's scheduler_config.json) or a sampler instance, with its
+    timesteps set for `steps` steps."""
+    if isinstance(sampler, str):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        sampler = SAMPLERS[sampler](SamplerConfig.from_diffusers(pipe.scheduler_config))
+    sampler.set_timesteps(steps)
+    return sampler
+
+
+def encode_prompts(pipe, prompt, negative_prompt, n, guide, device):
+    """(B*n, 77, D) text states in one forward pass: [negative..., positive...] when guiding, diffusers' order (its
+    torch.cat([negative_prompt_embeds, prompt_embeds])), each prompt's row repeated for its n images."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negs = [negative_prompt or ""] * len(prompts) if negative_prompt is None or isinstance(negative_prompt, str) \
         else list(negative_prompt)
     if not prompts or len(negs) != len(prompts) or n < 1:
         raise ValueError(f"need >= 1 prompt, n >= 1 and one negative prompt per prompt (or one string), got "
                          f"{len(prompts)} prompts, {len(negs)} negative prompts, n={n}")
-    if not isinstance(generator, torch.Generator):  # a seed, or None: a fresh one (the global RNG is left alone)
-        generator = torch.Generator().manual_seed(torch.Generator().seed() if generator is None else generator)
-    if isinstance(sampler, str):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        sampler = SAMPLERS[sampler](SamplerConfig.from_diffusers(pipe.scheduler_config))
-    sampler.set_timesteps(steps)
-    p = next(pipe.unet.parameters())
-    device, dtype, times = torch.device(device or p.device), dtype or p.dtype, {}
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.to(device, dtype)  # a no-op when the models were loaded there (the normal case)
-    with stage(times, "text", device):
-        ids = pipe.tokenizer((negs + prompts) if guidance > 1.0 else prompts).to(device)
-        ctx = pipe.text_encoder(ids).repeat_interleave(n, dim=0)
-        if offload and device.type != "cpu":  # give its memory to the U-Net's activations (STYLE 5.6)
-            pipe.text_encoder.to("cpu")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-    return sampler, ctx, generator, device, dtype, times
-
-
-@torch.no_grad()
-def finish(pipe, sched, x, timesteps, ctx, guidance, generator, device, times, progress):
-    """What both pipelines do last: the sampling loop with classifier-free guidance (Ho & Salimans, arXiv
-    2207.12598), eps = eps_uncond + guidance * (eps_cond - eps_uncond) with both halves in one U-Net batch; then the
-    VAE decoder and diffusers' rounding (numpy_to_pil): round(255 * clamp(x / 2 + 0.5, 0, 1))."""
-    cfg = guidance > 1.0  # diffusers' do_classifier_free_guidance
-    with stage(times, "denoise", device):
-        for i, t in enumerate(timesteps):
-            x_in = sched.scale_model_input(torch.cat([x, x]) if cfg else x, t)
-            eps = pipe.unet(x_in, t, ctx)
-            if cfg:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            x = sched.step(eps, t, x, generator=generator)
-            if progress:
-                end = "\n" if i == len(timesteps) - 1 else ""
-                print(f"\rstep {i + 1}/{len(timesteps)} (t={float(t):g})", end=end, file=sys.stderr, flush=True)
-    if not torch.isfinite(x).all():  # checked once, not per step: the loop stays free of GPU->CPU syncs
-        raise RuntimeError(f"the latents hold NaN/inf after denoising in {x.dtype}: a float16 overflow in the U-Net? "
-                           "Run with --dtype bfloat16 or --dtype float32 (dtype=torch.float32).")
-    with stage(times, "decode", device):
-        img = pipe.vae.decode(x / pipe.vae_cfg.scaling_factor)  # undo the 0.18215 that made latents unit-variance
-        if not torch.isfinite(img).all():
-            raise RuntimeError(f"the VAE decoder produced NaN/inf in {img.dtype}: decode in float32 (--dtype float32)")
-        img = ((img / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
-    return Result(img, x, generator.initial_seed(), times)
-
-
-def txt2img(pipe, prompt, negative_prompt=None, steps=25, guidance=7.5, height=None, width=None, n=1,
-            generator=None, sampler="pndm", latents=None, device=None, dtype=None, progress=True,
-            offload_text_encoder=False):
-    """Text -> images, as diffusers' StableDiffusionPipeline.__call__ computes them. Returns a Result.
-
-    prompt: str or list; negative_prompt: None (""), a str for all prompts, or one per prompt; n images per prompt.
-    guidance <= 1 skips the unconditional half (diffusers: guidance_scale > 1 enables it). generator: a seed, a
-    torch.Generator, or None (a fresh seed, returned in Result.seed). The initial noise (B*n, 4, H/8, W/8) is one
-    draw from the generator on its device (the CPU for seeds), so a seed gives diffusers' image on any device;
-    `latents` replaces that draw. sampler: a SAMPLERS name, built from pipe.scheduler_config, or a Scheduler
-    instance (e.g. DDIM(eta=1.0)). device/dtype default to the U-Net's; the models are moved there if needed.
-    offload_text_encoder: move CLIP to the CPU once the prompts are encoded (lower peak GPU memory).
-    """
-    f = pipe.vae_cfg.downsample_factor
-    height, width = height or pipe.unet_cfg.sample_size * f, width or pipe.unet_cfg.sample_size * f  # 512 for SD v1
-    check_size(pipe, height, width)
-    sched, ctx, generator, device, dtype, times = prepare(pipe, prompt, negative_prompt, n, generator, sampler, steps,
-                                                          guidance, device, dtype, offload_text_encoder)
-    shape = (ctx.shape[0] // (2 if guidance > 1.0 else 1), pipe.unet_cfg.in_channels, height // f, width // f)
-    x = randn(shape, generator, device, dtype) if latents is None else latents.to(device, dtype)
-    return finish(pipe, sched, x * sched.init_noise_sigma, sched.timesteps, ctx, guidance, generator, device, times,
-                  progress)
+    ids = pipe.tokenizer(negs + prompts if guide else prompts).to(device)
+    return pipe.text_encoder(ids).repeat_interleave(n, dim=0)
 
 
 def open_image(image):
     """A path or PIL image -> RGB PIL image; an unreadable file is a ValueError that names it."""
-    if not isinstance(image, Image.Image):
-        try:
-            with Image.open(image) as im:
-                image = im.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read the init image {image}: {e}") from e
-    return image.convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the init image {image}: {e}") from e
 
 
-def img2img(pipe, image, prompt, strength=0.8, negative_prompt=None, steps=25, guidance=7.5, n=1, generator=None,
-            sampler="pndm", device=None, dtype=None, progress=True, offload_text_encoder=False):
+def image_tensor(pipe, image):
+    """A path or PIL image -> (1, 3, H, W) in [-1, 1] as diffusers' VaeImageProcessor.preprocess, its sides rounded
+    down (LANCZOS, diffusers' default filter) to what the model takes."""
+    image, f = open_image(image), size_multiple(pipe)
+    W, H = image.size
+    if W % f or H % f:
+        image = image.resize((max(W // f * f, f), max(H // f * f, f)), Image.LANCZOS)
+        print(f"init image resized from {W}x{H} to {image.size[0]}x{image.size[1]}", file=sys.stderr)
+    return 2.0 * torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] - 1.0
+
+
+@torch.no_grad()
+def txt2img(pipe, prompt, negative_prompt=None, steps=25, guidance=7.5, height=None, width=None, n=1,
+            generator=None, sampler="pndm", latents=None, progress=True, offload_text_encoder=False,
+            init_image=None, strength=1.0):
+    """Text -> images, as diffusers' StableDiffusionPipeline.__call__ computes them. Returns a Result.
+
+    prompt: str or list; negative_prompt: None (""), a str for all prompts, or one per prompt; n images per prompt.
+    generator: a seed, a torch.Generator, or None (a fresh seed, returned in Result.seed). sampler: a SAMPLERS name,
+    built from pipe.scheduler_config, or a sampler instance (e.g. DDIM(eta=1.0)). latents replaces the initial
+    noise draw. It runs where the U-Net is, in its dtype (pipe.to(device, dtype) moves a pipeline).
+    offload_text_encoder: move CLIP to the CPU once the prompts are encoded (lower peak GPU memory).
+    init_image, strength: img2img's start (see img2img below).
+    """
+    f = pipe.vae_cfg.downsample_factor
+    if init_image is None:  # SD v1: 512 x 512
+        height, width = height or pipe.unet_cfg.sample_size * f, width or pipe.unet_cfg.sample_size * f
+    else:
+        height, width = init_image.shape[2:]
+    check_size(pipe, height, width)
+    sampler = make_sampler(pipe, sampler, steps)
+    timesteps = sampler.timesteps
+    if not isinstance(generator, torch.Generator):  # a seed, or None: a fresh one (the global RNG is left alone)
+        generator = torch.Generator().manual_seed(torch.Generator().seed() if generator is None else generator)
+    p = next(pipe.unet.parameters())  # where the U-Net is, in its dtype, the run is
+    device, dtype, times, guide = p.device, p.dtype, {}, guidance > 1
+    # 1. the text: (B*n, 77, D) states; guide = classifier-free guidance (diffusers: guidance_scale > 1)
+    with stage(times, "text", device):
+        context = encode_prompts(pipe, prompt, negative_prompt, n, guide, device)
+        if offload_text_encoder and device.type != "cpu":  # give its memory to the U-Net's activations
+            pipe.text_encoder.to("cpu")
+    B = context.shape[0] // (2 if guide else 1)
+    if init_image is None:
+        # 2. the initial noise x_T ~ N(0, I), times sigma_max for the Karras-style samplers. One draw from the
+        # generator on its device (the CPU for seeds): a seed gives diffusers' image on any device.
+        shape = (B, pipe.unet_cfg.in_channels, height // f, width // f)
+        x = randn(shape, generator, device, dtype) if latents is None else latents.to(device, dtype)
+        x = x * sampler.init_noise_sigma
+    else:
+        # 2'. img2img (SDEdit): the encoded image, noised by q(x_t | x_0) to the first of the last int(steps *
+        # strength) timesteps (diffusers' get_timesteps); the encoding is a posterior sample (its retrieve_latents)
+        k = min(int(steps * strength), steps)
+        timesteps = sampler.start_at(steps - k) if k else sampler.timesteps[:0]
+        with stage(times, "encode", device):
+            x = pipe.vae.encode(init_image.to(device, dtype)).sample(generator) * pipe.vae_cfg.scaling_factor
+        x = x.repeat(B // x.shape[0], 1, 1, 1)  # one image -> B*n
+        if k:
+            x = sampler.add_noise(x, randn(x.shape, generator, device, dtype), timesteps[:1].repeat(B))
+    # 3. the reverse process x_T -> x_0: at each timestep the U-Net predicts the noise eps and the sampler steps.
+    # Classifier-free guidance (Ho & Salimans, arXiv 2207.12598) runs the unconditional and the conditional half in
+    # one U-Net batch: eps = eps_uncond + guidance * (eps_cond - eps_uncond).
+    with stage(times, "denoise", device):
+        for t in tqdm(timesteps, "denoise", disable=not progress):
+            eps = pipe.unet(sampler.scale_model_input(torch.cat([x, x]) if guide else x, t), t, context)
+            if guide:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            x = sampler.step(eps, t, x, generator=generator)
+    if not torch.isfinite(x).all():  # checked once, not per step: the loop stays free of GPU->CPU syncs
+        raise RuntimeError(f"the latents hold NaN/inf after denoising in {x.dtype}: a float16 overflow in the U-Net? "
+                           "Run with --dtype bfloat16 or --dtype float32 (dtype=torch.float32).")
+    # 4. latents -> pixels, rounded as diffusers' numpy_to_pil: round(255 * clamp(x / 2 + 0.5, 0, 1))
+    with stage(times, "decode", device):
+        img = pipe.vae.decode(x / pipe.vae_cfg.scaling_factor)  # undo the 0.18215 that made latents unit-variance
+    if not torch.isfinite(img).all():
+        raise RuntimeError(f"the VAE decoder produced NaN/inf in {img.dtype}: decode in float32 (--dtype float32)")
+    img = ((img / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return Result(img, x, generator.initial_seed(), times)
+
+
+def img2img(pipe, image, prompt, strength=0.8, **kw):
     """Image + text -> images (SDEdit, Meng et al., arXiv 2108.01073), as diffusers' StableDiffusionImg2ImgPipeline.
 
     image: a path, a PIL image (resized down to a multiple of 64 if needed) or a (1, 3, H, W) tensor in [-1, 1].
@@ -447,64 +462,37 @@ def img2img(pipe, image, prompt, strength=0.8, negative_prompt=None, steps=25, g
     them. strength 1 starts at the first timestep, as in diffusers: with 25 "leading" steps that is t = 961,
     where sqrt(alpha_bar) = 0.085 of the image remains. If steps * strength < 1 (strength 0, or few steps)
     no step is run and the result is the image's VAE round trip (the encoded latents, no noise added), where
-    diffusers fails or runs one step. Other arguments as txt2img.
+    diffusers fails or runs one step. Other arguments (keywords) as txt2img.
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must lie in [0, 1], got {strength}")
-    if not torch.is_tensor(image):
-        image, f = open_image(image), size_multiple(pipe)
-        W, H = image.size
-        if W % f or H % f:  # round down to what the model takes; LANCZOS is diffusers' default filter
-            image = image.resize((max(W // f * f, f), max(H // f * f, f)), Image.LANCZOS)
-            print(f"init image resized from {W}x{H} to {image.size[0]}x{image.size[1]}", file=sys.stderr)
-        # [0, 255] -> [-1, 1], as diffusers' VaeImageProcessor.preprocess
-        image = 2.0 * torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] - 1.0
-    check_size(pipe, *image.shape[2:])
-    sched, ctx, generator, device, dtype, times = prepare(pipe, prompt, negative_prompt, n, generator, sampler, steps,
-                                                          guidance, device, dtype, offload_text_encoder)
-    init = min(int(steps * strength), steps)  # the number of denoising steps, as diffusers' get_timesteps
-    timesteps = sched.start_at(steps - init) if init else sched.timesteps[:0]
-    with stage(times, "encode", device), torch.no_grad():  # a posterior sample, as diffusers' retrieve_latents
-        x0 = pipe.vae.encode(image.to(device, dtype)).sample(generator) * pipe.vae_cfg.scaling_factor
-    x0 = x0.repeat(ctx.shape[0] // (2 if guidance > 1.0 else 1) // x0.shape[0], 1, 1, 1)  # one image -> B*n
-    if init:
-        x = sched.add_noise(x0, randn(x0.shape, generator, device, dtype), timesteps[:1].repeat(x0.shape[0]))
-    else:
-        x = x0
-        if progress:
-            print(f"img2img: steps x strength = {steps * strength:g} < 1: no denoising step, only the VAE round "
-                  "trip", file=sys.stderr)
-    return finish(pipe, sched, x, timesteps, ctx, guidance, generator, device, times, progress)
-
+    image = image if torch.is_tensor(image) else image_tensor(pipe, image)
+    return txt2img(pipe, prompt, init_image=image, strength=strength, **kw)
 
 # -----------------------------------------------------------------------------
 # Offline smoke runs: a whole pipeline with RANDOM weights (the images are noise; the code path is the real one)
 
 
 def toy_tokenizer():
-    """A byte-level CLIP tokenizer with no merges (every byte a token) for when the real vocabulary is not installed:
-    ids < 49408, so any CLIP embedding table takes them."""
+    """A byte-level CLIP tokenizer with no merges (every byte a token), for when the real vocabulary is not
+    installed: ids < 49408, so any CLIP embedding table takes them."""
     sym = clip_text.bytes_to_unicode_symbols()
     vocab = sym + [s + "</w>" for s in sym] + ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as d:  # the tokenizer reads both files when it is built
-        (Path(d) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-        (Path(d) / "merges.txt").write_text("#version: 0.2\n")
-        return clip_text.Tokenizer(d)
+    return clip_text.Tokenizer.from_bpe({t: i for i, t in enumerate(vocab)}, [])
 
 
 def random_pipeline(preset="tiny-test", seed=0, tokenizer=None):
     """U-Net `preset` (unet.PRESETS) with the CLIP and VAE of its family (tiny-test or sd-v1), seeded random weights."""
-    small = preset == "tiny-test"
-    ucfg, tcfg, vcfg = unet.PRESETS[preset], clip_text.PRESETS["tiny-test" if small else "sd-v1"], \
-        vae.PRESETS["tiny-test" if small else "sd-v1"]
+    family = "tiny-test" if preset == "tiny-test" else "sd-v1"
+    ucfg, tcfg, vcfg = unet.PRESETS[preset], clip_text.PRESETS[family], vae.PRESETS[family]
     vocab = clip_text.find_openai_vocab()
     tok = tokenizer or (clip_text.Tokenizer(vocab) if vocab else toy_tokenizer())
     with torch.random.fork_rng(devices=[]):  # seeded weights, the caller's global RNG state untouched
         torch.manual_seed(seed)
         models = unet.UNet(ucfg).eval(), clip_text.CLIPTextModel(tcfg).eval(), vae.AutoencoderKL(vcfg).eval()
-    return SimpleNamespace(unet=models[0], text_encoder=models[1], vae=models[2], tokenizer=tok, unet_cfg=ucfg,
-                           text_cfg=tcfg, vae_cfg=vcfg, scheduler_config={},  # {}: the SD v1 schedule
-                           name=f"RANDOM WEIGHTS ({preset}, seed {seed})")
+    return cw.Pipeline(unet=models[0], text_encoder=models[1], tokenizer=tok, vae=models[2], unet_cfg=ucfg,
+                       text_cfg=tcfg, vae_cfg=vcfg, scheduler_config={},  # {}: the SD v1 schedule
+                       name=f"RANDOM WEIGHTS ({preset}, seed {seed})")
 
 # -----------------------------------------------------------------------------
 # Command line:  python sampler.py "a photo of a cat" [--sampler pndm --steps 25 --seed 0 --out cat.png]
@@ -527,8 +515,9 @@ def write_png(im, path, meta):
     print(f"wrote {path}", file=sys.stderr)
 
 
-def main(args, ap):
-    # 1. check every argument before loading a model: a mistake costs no time and writes no file
+def check_args(args, ap):
+    """Every argument checked before a model loads: a mistake costs no time and writes no file. Returns the prompts,
+    the init image, device, dtype and seed."""
     if (args.prompt is None) == (args.prompts_file is None):
         ap.error("give a prompt or --prompts-file (one prompt a line), not both")
     try:
@@ -542,41 +531,60 @@ def main(args, ap):
             ap.error(f"--{name} must be a positive multiple of 8, got {v}")
     if not prompts or args.steps < 1 or args.n < 1 or args.batch < 1 or not 0 <= args.strength <= 1:
         ap.error("need a non-empty prompt list, --steps >= 1, --n >= 1, --batch >= 1 and 0 <= --strength <= 1")
+    if not math.isfinite(args.guidance):  # nan would silently turn guidance off (nan > 1 is False)
+        ap.error(f"--guidance must be a finite number, got {args.guidance}")
+    if args.seed is not None and not -1 <= args.seed < 2 ** 63:
+        ap.error(f"--seed must be -1 (random, the A1111 convention) or in 0..2^63-1, got {args.seed}")
+    out = Path(args.out)
+    folder = out.parent if out.suffix.lower() == ".png" else out
+    try:  # can the output be written? Found out now, not after the whole generation
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        ap.error(f"cannot write to {folder}: {e.strerror or e}")
     mps = sys.platform == "darwin" and torch.backends.mps.is_available()
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if device == "cuda" and not torch.cuda.is_available() or device == "mps" and not mps:
         ap.error(f"--device {device} is not available on this machine")
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
-        args.dtype, torch.float16 if device == "cuda" else torch.float32)
+    dtype = cw.DTYPES.get(args.dtype, torch.float16 if device == "cuda" else torch.float32)
     if dtype == torch.float16 and device == "cpu":
         ap.error("float16 on the CPU is not supported (PyTorch lacks or slows its CPU half kernels, e.g. "
                  "'addmm_impl_cpu_' not implemented for 'Half'): use --dtype float32 or bfloat16")
-    # 2. the model: random, --weights, or the default from the cache or the hub
+    seed = args.seed if args.seed not in (None, -1) else torch.Generator().seed() % 2 ** 32
+    return prompts, init, torch.device(device), dtype, seed
+
+
+def load_model(args, device, dtype):
+    """--random-weights, --weights, or the default model from the Hugging Face cache, fetched on first use."""
     if args.random_weights:
-        print("*" * 72 + f"\n*** SMOKE RUN: {args.preset} with RANDOM weights; the images are noise ***\n" + "*" * 72,
-              file=sys.stderr)
-        pipe = random_pipeline(args.preset)  # txt2img moves it to device and dtype
-    else:
-        import convert_weights as cw  # imported here: the smoke run and the library need no converter
-        path = args.weights or cw.cached(cw.DEFAULT_REPO)
-        try:
-            path = path or cw.download(cw.DEFAULT_REPO)
-        except OSError as e:  # no network, a gated repo without HF_TOKEN, a corrupt transfer: all OSErrors
-            sys.exit(f"error: no local copy of {cw.DEFAULT_REPO} and it cannot be fetched ({e}).\nPass --weights PATH "
-                     "(a diffusers folder or a .safetensors/.ckpt file), or run offline: --preset tiny-test "
-                     "--random-weights")
-        try:
-            pipe = cw.load_pipeline(path, dtype=dtype, device=device, arch=args.arch)
-        except (OSError, ValueError) as e:  # the converter's messages name the file and what is wrong
-            sys.exit(f"error: {e}")
-    # 3. generate batch by batch (batch k uses seed + k) and write each image once it is complete
-    seed = args.seed if args.seed is not None else torch.Generator().seed() % 2 ** 32
+        print("*" * 80 + f"\n*** SMOKE RUN: a {args.preset} U-Net with RANDOM weights, {args.height}x{args.width}. The "
+              "images are noise:\n*** this checks that the code runs, offline, in seconds; it is not a model.\n"
+              + "*" * 80, file=sys.stderr)
+        return random_pipeline(args.preset).to(device, dtype)
+    path = args.weights or cw.cached(cw.DEFAULT_REPO)
+    try:
+        path = path or cw.download(cw.DEFAULT_REPO)
+    except OSError as e:  # no network, a gated repo without HF_TOKEN: all OSErrors with a message
+        sys.exit(f"error: no local copy of {cw.DEFAULT_REPO} and it cannot be fetched ({e}).\nPass --weights PATH "
+                 "(a diffusers folder or a .safetensors/.ckpt file), or run offline: --random-weights")
+    try:
+        return cw.load_pipeline(path, dtype=dtype, device=device, arch=args.arch)
+    except (OSError, ValueError) as e:  # the converter's messages name the file and what is wrong
+        sys.exit(f"error: {e}")
+
+
+def main(args, ap):
+    if args.random_weights:  # small by default: the smoke run is about the code path, not the picture
+        args.height, args.width = args.height or 128, args.width or 128
+    prompts, init, device, dtype, seed = check_args(args, ap)
+    pipe = load_model(args, device, dtype)
+    # generate batch by batch (batch k uses seed + k) and write each image once it is complete
     out, times, k = Path(args.out), {}, 0
     for b in range(0, len(prompts), args.batch):
         batch = prompts[b:b + args.batch]
         kw = dict(negative_prompt=args.negative, steps=args.steps, guidance=args.guidance, n=args.n,
-                  generator=seed + b // args.batch, sampler=args.sampler, device=device, dtype=dtype,
-                  offload_text_encoder=device != "cpu")
+                  generator=seed + b // args.batch, sampler=args.sampler, offload_text_encoder=device.type != "cpu")
         try:
             r = img2img(pipe, init, batch, strength=args.strength, **kw) if init else \
                 txt2img(pipe, batch, height=args.height, width=args.width, **kw)
@@ -601,16 +609,17 @@ def parser():
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("prompt", nargs="?", help="what to draw")
     # the model
-    ap.add_argument("--weights", help="a diffusers folder or a single .safetensors/.ckpt file "
-                                      "(default: nota-ai/bk-sdm-small from the cache, fetched on first use)")
+    ap.add_argument("--weights", help="a diffusers folder or a single .safetensors/.ckpt file (default: "
+                                      "nota-ai/bk-sdm-small from the Hugging Face cache, fetched on first use)")
     ap.add_argument("--arch", help="U-Net preset of a single-file checkpoint, when it cannot be inferred")
-    ap.add_argument("--random-weights", action="store_true", help="offline smoke run with random weights")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="offline smoke run with random weights (128x128 unless --height/--width)")
     ap.add_argument("--preset", default="tiny-test", choices=list(unet.PRESETS), help="U-Net of --random-weights")
     # sampling
     ap.add_argument("--sampler", default="pndm", choices=list(SAMPLERS))
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
-    ap.add_argument("--seed", type=int, help="default: random (it is printed into the PNG metadata)")
+    ap.add_argument("--seed", type=int, help="default or -1: random (printed, and stored in the PNG metadata)")
     ap.add_argument("--negative", default="", help="negative prompt")
     ap.add_argument("--height", type=int, help="default: the model's (512 for SD v1)")
     ap.add_argument("--width", type=int)

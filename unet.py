@@ -76,6 +76,12 @@ def attention(q, k, v, heads, impl="sdpa", upcast=False):
         raise ValueError(f"unknown attention impl {impl!r}; use 'sdpa' or 'tiled'")
     return o.transpose(1, 2).reshape(B, Lq, D).to(dtype)
 
+def randn(shape, generator, device, dtype):
+    """N(0, I) drawn on the generator's device (the CPU for a seed or None) and then moved, so one seed gives the same
+    numbers on any device; diffusers' randn_tensor does the same. The project's one seeded-noise helper."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=where, dtype=dtype).to(device)
+
 # -----------------------------------------------------------------------------
 # Config
 
@@ -243,8 +249,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])  # index 1 is Dropout: kept so keys match
 
     def forward(self, x, context=None):
-        # No fused QKV matmul: concatenating to_q/to_k/to_v into one weight measured no faster on CPU
-        # (within 1%, slower at 64 tokens; `python bench.py --qkv`, BENCHMARKS.md), so the three stay apart.
+        # three matmuls, not one fused QKV: fusing measured no faster on CPU (BENCHMARKS.md, bench.py --qkv)
         context = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         return self.to_out[0](attention(q, k, v, self.heads, self.impl, self.upcast))
@@ -494,52 +499,37 @@ def count_macs(model, latent=64, batch=1):
 
 
 def summary(cfg, latent=64, ref=PRESETS["sd-v1"]):
-    """A table of stages and blocks: pairs kept vs the reference, parameters and MACs per block."""
+    """A table of the blocks: resolution, channels, (resnet, attention) pairs kept vs the reference, parameters and
+    MACs; then the totals against the reference."""
     with torch.device("meta"):
-        model = UNet(cfg)
-    macs = count_macs(model, latent)
+        model, ref_model = UNet(cfg), UNet(ref)
+    macs, ref_macs = count_macs(model, latent), count_macs(ref_model, latent)
+    params = lambda m: sum(p.numel() for p in m.parameters())
     n, nref = len(cfg.block_out_channels), len(ref.block_out_channels)
     rows = [("block", "res", "ch", "pairs (vs ref)", "params", "GMACs", "attn GMACs")]
-
-    def params(m):
-        return sum(p.numel() for p in m.parameters())
-
-    def add(name, module, res, ch, pairs):
-        mc, ma = macs.get(name, (0, 0))
-        rows.append((name, res, ch, pairs, f"{params(module) / 1e6:.2f}M", f"{mc / 1e9:.2f}", f"{ma / 1e9:.2f}"))
-
-    add("conv_in", model.conv_in, latent, cfg.block_out_channels[0], "")
-    add("time_embedding", model.time_embedding, "", "", "")
-    for i, b in enumerate(model.down_blocks):
-        kept, had = cfg.layers_per_block[i], ref.layers_per_block[i] if i < nref else 0
-        add(f"down_blocks.{i}", b, latent >> i, cfg.block_out_channels[i],
-            f"{kept}{'A' if cfg.cross_attn[i] else 'R'} (-{had - kept})" if had > kept else f"{kept}")
-    mid_res = latent >> (n - 1)
-    if model.mid_block is not None:
-        add("mid_block", model.mid_block, mid_res, cfg.block_out_channels[-1], "R,A,R")
-    elif ref.mid_block:
-        rows.append(("mid_block", mid_res, "", "removed", "0", "0", "0"))
-    for j, b in enumerate(model.up_blocks):
-        i = n - 1 - j
-        kept, had = cfg.layers_per_block[i] + 1, (ref.layers_per_block[i] + 1 if i < nref else 0)
-        add(f"up_blocks.{j}", b, latent >> i, cfg.block_out_channels[i],
-            f"{kept}{'A' if cfg.cross_attn[i] else 'R'} (-{had - kept})" if had > kept else f"{kept}")
-    for m in ("conv_norm_out", "conv_out"):
-        add(m, getattr(model, m), latent, cfg.block_out_channels[0], "")
+    for name, (mc, ma) in macs.items():
+        kind, _, j = name.partition(".")
+        i = int(j) if kind == "down_blocks" else n - 1 - int(j) if kind == "up_blocks" else 0  # the stage
+        pairs, res, ch = "", latent >> (n - 1 if kind == "mid_block" else i), cfg.block_out_channels[i]
+        if kind in ("down_blocks", "up_blocks"):
+            up = kind == "up_blocks"  # an up stage has one pair more than its down stage
+            kept, had = cfg.layers_per_block[i] + up, (ref.layers_per_block[i] + up if i < nref else 0)
+            pairs = f"{kept}{'A' if cfg.cross_attn[i] else 'R'}" + (f" (-{had - kept})" if had > kept else "")
+        rows.append((name, res, ch, pairs, f"{params(model.get_submodule(name)) / 1e6:.2f}M", f"{mc / 1e9:.2f}",
+                     f"{ma / 1e9:.2f}"))
+    if ref.mid_block and not cfg.mid_block:
+        rows.append(("mid_block", latent >> (n - 1), "", "removed", "0", "0", "0"))
     for i in range(n, nref):
         rows.append((f"stage {i}", latent >> i, ref.block_out_channels[i], "removed (down and up)", "0", "0", "0"))
-    total, conv_lin, attn_mm = params(model), sum(v[0] for v in macs.values()), sum(v[1] for v in macs.values())
-    with torch.device("meta"):
-        ref_model = UNet(ref)
-    ref_macs = count_macs(ref_model, latent)
-    ref_total, ref_mc = params(ref_model), sum(v[0] for v in ref_macs.values())
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.append(f"total: {total:,} parameters ({100 * (total / ref_total - 1):+.1f}% vs reference), "
-                 f"{conv_lin / 1e9:.1f}G MACs per step at a {latent}x{latent} latent, batch 1 "
-                 f"({100 * (conv_lin / ref_mc - 1):+.1f}%), + {attn_mm / 1e9:.1f}G in attention matmuls")
-    return "\n".join(lines)
+    widths = [max(len(str(r[c])) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)) for r in rows]
+    total, ref_total = params(model), params(ref_model)
+    conv_lin, attn_mm = sum(v[0] for v in macs.values()), sum(v[1] for v in macs.values())
+    ref_conv_lin = sum(v[0] for v in ref_macs.values())
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:],
+                      f"total: {total:,} parameters ({100 * (total / ref_total - 1):+.1f}% vs reference), "
+                      f"{conv_lin / 1e9:.1f}G MACs per step at a {latent}x{latent} latent, batch 1 "
+                      f"({100 * (conv_lin / ref_conv_lin - 1):+.1f}%), + {attn_mm / 1e9:.1f}G in attention matmuls"])
 
 # -----------------------------------------------------------------------------
 # Command line:  python unet.py --preset bk-small --summary

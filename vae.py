@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from unet import attention  # the project's one attention function (see STYLE.md: "Self-contained")
+from unet import attention, randn  # the project's one attention function and noise helper (STYLE.md)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -185,9 +185,7 @@ class DiagonalGaussian:
     def sample(self, generator=None):
         """mean + std * eps. eps is drawn on the generator's device (CPU when generator is None) and then moved,
         so one seed gives the same latent on any device; the same draw as diffusers with that generator."""
-        device = generator.device if generator is not None else torch.device("cpu")
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps.to(self.mean.device)
+        return self.mean + self.std * randn(self.mean.shape, generator, self.mean.device, self.mean.dtype)
 
     def mode(self):
         return self.mean
@@ -240,12 +238,8 @@ class AutoencoderKL(nn.Module):
         SD v1's training size) however large the image. Neighbours overlap by >= `overlap` (default a quarter
         tile, as diffusers: 16); the output is the average weighted by linear ramps (tiles_1d): a crossfade at seams.
         Not exact: GroupNorm statistics and the mid-block attention are per tile, and pixels near a tile edge see
-        less context; diffusers' tiled_decode shares this. Tolerance (tiny-test, random weights, 37x45 latent,
-        16-tiles, overlap 4, seeds 0-5; test_vae.py): mean |tiled - full| 0.21-0.30 of the output's std, max
-        3.3-8.1 std, vs 0.29-0.40 and 5.2-9.0 for diffusers' tiled_decode. The error is as large in tile centres
-        as at seams (per-tile statistics, which random weights exaggerate) and shrinks with bigger tiles: at the
-        defaults (64-tiles, overlap 16) on a 100x100 latent, seeds 0-2, mean 0.034-0.050 std, max 0.94-1.37 std;
-        the tests hold it to 0.06 and 2. Trained weights could not be measured offline.
+        less context; diffusers' tiled_decode shares this. The error, measured against the full decode and against
+        diffusers' (BENCHMARKS.md, "Tiled VAE decoding"), shrinks with bigger tiles; TestVAE bounds it at the defaults.
         """
         overlap = tile_size // 4 if overlap is None else overlap
         if not 0 <= overlap < tile_size:
