@@ -24,15 +24,19 @@ tests that need it skip without it.
 "Relative error" below is max|ours - reference| / max|reference|, the standard's fp32 bound is 1e-4.
 No test downloads anything: every model is built here with random weights and saved in the official layouts.
 """
+import ast
 import copy
 import hashlib
 import http.server
+import importlib.util
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
 import threading
+import types
 import urllib.parse
 import warnings
 from dataclasses import asdict, replace
@@ -40,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,6 +54,7 @@ from safetensors.torch import load_file, save_file
 
 import clip_text
 import convert_weights as cw
+import fid
 import sampler
 import unet
 import vae
@@ -1662,3 +1668,440 @@ class TestCLI:
         assert Image.open(tmp_path / "c.png").size == (128, 128)
         err = capsys.readouterr().err
         assert "SMOKE RUN: a tiny-test U-Net with RANDOM weights, 128x128. The images are noise" in err
+
+# -----------------------------------------------------------------------------
+# fid.py: FID, IS and CLIP score (oracles: torch-fidelity, pytorch-fid, transformers' CLIPModel)
+
+
+def _fid_is_literal(node):
+    try:
+        ast.literal_eval(node)
+        return True
+    except ValueError:
+        return False
+
+
+def _fid_oracle_function(package, filename, name, namespace):
+    """One function of an installed oracle, compiled from its own source file without importing the package (whose
+    imports pull in torchvision): the oracle's code as published, not a transcription."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        pytest.skip(f"{package} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    src = pathlib.Path(spec.submodule_search_locations[0], filename).read_text()
+    nodes = [n for n in ast.parse(src).body if isinstance(n, ast.Assign) and _fid_is_literal(n.value)
+             or isinstance(n, ast.FunctionDef) and n.name == name]  # its literal constants, then the function
+    exec(compile(ast.Module(nodes, type_ignores=[]), filename, "exec"), namespace)
+    return namespace[name]
+
+
+def _fid_pytorch_fid_call(ref, args):
+    """pytorch-fid 0.3.0 passes sqrtm's disp=False, deprecated in scipy 1.16 and gone in 1.18."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return ref(*args)
+        except TypeError as e:
+            if "disp" not in str(e):
+                raise
+            pytest.skip(f"pytorch-fid 0.3.0 cannot run on scipy {scipy.__version__} ({e})")
+
+
+def _fid_fidelity_inception():
+    """torch-fidelity's feature_extractor_inceptionv3 module, imported under a bare package module (oracles.md)."""
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None:
+        pytest.skip("torch-fidelity is not installed (pip install --no-deps torch-fidelity)")
+    if not hasattr(sys.modules.get("torch_fidelity"), "__path__"):
+        pkg = types.ModuleType("torch_fidelity")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__spec__ = spec  # so that find_spec still answers for it
+        sys.modules["torch_fidelity"] = pkg
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    return fe
+
+
+_FID_CACHE = {}
+
+
+def _fid_inception_pair(tmp_path_factory):
+    """(ours, torch-fidelity's) Inception with the same random weights, BatchNorm statistics measured on noise."""
+    if "pair" not in _FID_CACHE:
+        ours = fid.random_inception(seed=0)
+        path = tmp_path_factory.mktemp("inception") / "weights.pth"
+        torch.save(ours.state_dict(), path)
+        ref = _fid_fidelity_inception().FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                                    feature_extractor_weights_path=str(path))
+        _FID_CACHE["pair"] = ours, ref, path
+    return _FID_CACHE["pair"]
+
+
+def _fid_rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _fid_images(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (2, 3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+
+
+def _fid_write_images(folder, n, size=(40, 48), seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+class _FIDKilled(Exception):
+    pass
+
+
+class _FIDFakeInception(torch.nn.Module):
+    """Inception's interface at a fraction of its cost, for the command-line tests: `dims` features, 1008 logits."""
+
+    def __init__(self, dims=2048):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1, self.w2 = torch.randn(192, dims, generator=g), torch.randn(dims, 1008, generator=g) / 50
+
+    def forward(self, images, preprocess="fid"):
+        x = torch.stack([torch.nn.functional.adaptive_avg_pool2d(im.float() / 255, 8).flatten() for im in images])
+        pool = torch.tanh(x @ self.w1)
+        return pool, pool @ self.w2
+
+
+def _fid_fake_inception(seed=0):
+    return _FIDFakeInception()
+
+
+def _fid_hf_clip(act, seed=0):
+    transformers = pytest.importorskip("transformers")
+    text = transformers.CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                       hidden_act=act, projection_dim=16)
+    vision = transformers.CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8, hidden_act=act,
+                                           projection_dim=16)
+    torch.manual_seed(seed)
+    ref = transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                                                         projection_dim=16)).eval()
+    with torch.no_grad():  # non-trivial norms and class token, so that every parameter matters
+        for name, p in ref.named_parameters():
+            if "norm" in name or "class_embedding" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    cfg = fid.CLIPConfig(fid.clip_text.replace(fid.clip_text.PRESETS["tiny-test"], hidden_act=act),
+                         fid.CLIPVisionConfig(48, 2, 4, 96, act, image_size=32, patch_size=8), 16)
+    ours = fid.CLIPModel(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref
+
+
+def _fid_ids(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 49000, (3, 77), generator=g)
+    for row, n in enumerate((5, 20, 76)):  # the end token at several places, padding with it afterwards (SD's way)
+        ids[row, 0], ids[row, n:] = 49406, 49407
+    return ids
+
+
+# the published open_clip names (open_clip src/open_clip/transformer.py VisionTransformer / TextTransformer and
+# model.py CLIP at 02b4829), written out here independently of fid.OPEN_CLIP_NAMES
+def _fid_open_clip_keys(layers=2):
+    block = ["ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
+             "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
+             "mlp.c_proj.bias"]
+    keys = ["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding", "visual.ln_pre.weight",
+            "visual.ln_pre.bias", "visual.ln_post.weight", "visual.ln_post.bias", "visual.proj",
+            "token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias", "text_projection",
+            "logit_scale"]
+    for i in range(layers):
+        keys += [f"visual.transformer.resblocks.{i}.{b}" for b in block] + [f"transformer.resblocks.{i}.{b}"
+                                                                            for b in block]
+    return set(keys)
+
+
+class TestFID:
+    # --- Frechet distance -------------------------------------------------------------------------------------------
+    def test_frechet_closed_forms(self):
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((200, 16))
+        mu, sigma = a.mean(0), np.cov(a, rowvar=False)
+        assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
+        mu2 = mu + rng.standard_normal(16)  # equal covariances: the squared distance of the means
+        assert fid.frechet_distance(mu, sigma, mu2, sigma) == pytest.approx(((mu - mu2) ** 2).sum(), rel=1e-9)
+        with pytest.raises(ValueError, match="differ in shape"):
+            fid.frechet_distance(mu, sigma, mu[:8], sigma[:8, :8])
+
+    def test_frechet_matches_pytorch_fid(self, monkeypatch):
+        ns = {"np": np, "linalg": scipy.linalg}
+        ref = _fid_oracle_function("pytorch_fid", "fid_score.py", "calculate_frechet_distance", ns)
+        rng = np.random.default_rng(1)
+        for n in (300, 10):  # full rank, and singular covariances (10 samples, 32 dimensions)
+            a, b = rng.standard_normal((n, 32)), rng.standard_normal((n, 32)) * 1.5 + 0.3
+            args = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+            expected = _fid_pytorch_fid_call(ref, args)
+            assert fid.frechet_distance(*args) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+        class FirstSqrtmFails:  # the singular fallback: today's scipy returns finite roots, older ones inf/nan
+            def __init__(self):
+                self.calls = 0
+
+            def sqrtm(self, A, disp=True):
+                self.calls += 1
+                r = np.full_like(A, np.nan) if self.calls == 1 else scipy.linalg.sqrtm(A)
+                return r if disp else (r, 0.0)
+        ns["linalg"] = FirstSqrtmFails()
+        expected = _fid_pytorch_fid_call(ref, args)
+        monkeypatch.setattr(fid, "linalg", FirstSqrtmFails())
+        got = fid.frechet_distance(*args)
+        assert fid.linalg.calls == 2 and got == pytest.approx(expected, rel=1e-9)
+
+    # --- Inception ---------------------------------------------------------------------------------------------------
+    def test_inception_isc_matches_torch_fidelity(self, tmp_path_factory):
+        ours, ref, _ = _fid_inception_pair(tmp_path_factory)
+        assert set(ours.state_dict()) == set(ref.state_dict())  # the published names, both ways strict
+        with torch.no_grad():
+            for x in _fid_images([(299, 299), (256, 256), (67, 93)]):
+                pool, logits = ours(x, preprocess="isc")
+                ref_pool, ref_logits = ref(x)
+                assert _fid_rel(pool, ref_pool) < 1e-4 and _fid_rel(logits, ref_logits) < 1e-4
+                assert pool.std() > 0.1 * pool.abs().mean()  # features that differ: the test has teeth
+
+    def test_inception_fid_matches_pytorch_fid_preprocessing(self, tmp_path_factory):
+        ours, ref, _ = _fid_inception_pair(tmp_path_factory)
+        trunk = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+                 "MaxPool_2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
+                 "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "AvgPool"]
+        with torch.no_grad():
+            for x in _fid_images([(299, 299), (256, 256), (67, 93)], seed=1):
+                # pytorch-fid 0.3.0: ToTensor (fid_score.py ImagePathDataset) = x / 255; then inception.py
+                # InceptionV3.forward: F.interpolate(size=(299, 299), mode='bilinear', align_corners=False), 2 * x - 1
+                y = 2 * torch.nn.functional.interpolate(x.float() / 255, size=(299, 299), mode="bilinear",
+                                                        align_corners=False) - 1
+                for name in trunk:  # torch-fidelity's blocks, in its forward's order, without its preprocessing
+                    y = getattr(ref, name)(y)
+                pool = ours(x, preprocess="fid")[0]
+                assert _fid_rel(pool, y.flatten(1)) < 1e-4
+                if x.shape[2] != 299:  # the two preprocessings differ, so mixing them up would fail a test
+                    assert _fid_rel(ours(x, preprocess="isc")[0], pool) > 1e-3
+        # a list of differently sized images = each on its own; mixed sizes are the one thing a batch cannot hold
+        a, b = _fid_images([(64, 64), (80, 48)], seed=2)
+        with torch.no_grad():
+            both = ours([a[0], b[0]])[0]
+            assert _fid_rel(both, torch.cat([ours(a[:1])[0], ours(b[:1])[0]])) < 1e-5
+
+    def test_load_inception_reads_published_layout(self, tmp_path_factory):
+        ours, _, path = _fid_inception_pair(tmp_path_factory)
+        loaded = fid.load_inception(path)  # through convert_weights.read_file (weights_only)
+        x = _fid_images([(64, 64)])[0]
+        with torch.no_grad():
+            assert torch.equal(loaded(x)[0], ours(x)[0])
+        with pytest.raises(ValueError):
+            fid.InceptionV3()(x.float())  # not uint8
+
+    # --- IS, statistics, .npz ----------------------------------------------------------------------------------------
+    def test_inception_score_matches_torch_fidelity(self):
+        ref = _fid_oracle_function("torch_fidelity", "metric_isc.py", "isc_features_to_metric",
+                                   {"np": np, "torch": torch})
+        logits = torch.randn(103, 1008, generator=torch.Generator().manual_seed(0)) * 3
+        expected = ref(logits)
+        mean, std = fid.inception_score(logits)
+        assert mean == pytest.approx(expected["inception_score_mean"], rel=1e-12)
+        assert std == pytest.approx(expected["inception_score_std"], rel=1e-9)
+        assert mean > 1.5 and std > 0
+        with pytest.raises(ValueError, match="splits"):
+            fid.inception_score(logits[:5])
+
+    def test_npz_round_trips_with_pytorch_fid(self, tmp_path):
+        ref = _fid_oracle_function("pytorch_fid", "fid_score.py", "compute_statistics_of_path", {"np": np})
+        rng = np.random.default_rng(0)
+        mu, sigma = rng.standard_normal(2048), rng.standard_normal((2048, 2048))
+        fid.save_stats(tmp_path / "ours.npz", mu, sigma)
+        m, s = ref(str(tmp_path / "ours.npz"), None, 50, 2048, "cpu")
+        assert np.array_equal(m, mu) and np.array_equal(s, sigma)
+        np.savez_compressed(tmp_path / "theirs.npz", mu=mu.astype(np.float32), sigma=sigma)  # as pytorch-fid writes
+        m, s = fid.load_stats(tmp_path / "theirs.npz", 2048)
+        assert np.array_equal(m, mu.astype(np.float32)) and np.array_equal(s, sigma)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.npz", "theirs.npz"]  # no temporary file left
+        np.savez(tmp_path / "bad.npz", mu=mu[:64], sigma=sigma[:64, :64])
+        with pytest.raises(ValueError, match="not 2048-d"):
+            fid.load_stats(tmp_path / "bad.npz", 2048)
+
+    def test_compute_stats_with_any_extractor(self, tmp_path):
+        folder = _fid_write_images(tmp_path / "imgs", 5)
+        Image.fromarray(np.full((40, 48), 7, np.uint8), "L").save(folder / "grey.png")      # converted, not rejected
+        Image.new("P", (40, 48), 3).save(folder / "palette.png")
+        Image.new("RGBA", (40, 48), (1, 2, 3, 4)).save(folder / "rgba.png")
+        (folder / "broken.png").write_bytes(b"not a png")                                  # skipped and counted
+        mean_colour = lambda batch: torch.stack([im.double().mean((1, 2)) for im in batch])
+        with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+            mu, sigma = fid.compute_stats(folder, mean_colour, batch_size=3, progress=False)
+        expected = np.stack([np.asarray(fid.open_rgb(p), np.float64).mean((0, 1))
+                             for p in sorted(folder.glob("*.png")) if p.name != "broken.png"])
+        assert np.allclose(mu, expected.mean(0)) and np.allclose(sigma, np.cov(expected, rowvar=False))
+        assert expected.shape == (8, 3)
+        with pytest.warns(UserWarning, match="2 images < 3 feature"):
+            fid.compute_stats(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), mean_colour, progress=False)
+
+    # --- CLIP --------------------------------------------------------------------------------------------------------
+    @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+    def test_clip_matches_transformers(self, act):
+        ours, ref = _fid_hf_clip(act)
+        pixels, ids = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), _fid_ids()
+        with torch.no_grad():
+            image, text = ours.get_image_features(pixels), ours.get_text_features(ids)
+            ref_image, ref_text = ref.get_image_features(pixel_values=pixels), ref.get_text_features(input_ids=ids)
+        ref_image, ref_text = (getattr(r, "pooler_output", r) for r in (ref_image, ref_text))
+        assert _fid_rel(image, ref_image) < 1e-4 and _fid_rel(text, ref_text) < 1e-4
+
+    def test_open_clip_layout_round_trips(self, tmp_path):
+        ours, ref = _fid_hf_clip("gelu", seed=1)
+        hf = {k: v for k, v in ref.state_dict().items() if not k.endswith("position_ids")}
+        oc = fid.hf_to_open_clip(hf)
+        assert set(oc) == _fid_open_clip_keys()
+        assert oc["visual.proj"].shape == (48, 16) and oc["visual.transformer.resblocks.0.attn.in_proj_weight"].shape \
+            == (144, 48) and oc["visual.positional_embedding"].shape == (17, 48)
+        # open_clip's blocks run torch's nn.MultiheadAttention on in_proj_* (q, k, v packed in that order): an
+        # independent check of the packing, which a round trip alone cannot see
+        mha = torch.nn.MultiheadAttention(48, 4, batch_first=True)
+        mha.load_state_dict({k.split("attn.")[1]: v for k, v in oc.items()
+                             if k.startswith("visual.transformer.resblocks.1.attn.")})
+        x = torch.randn(2, 17, 48)
+        with torch.no_grad():
+            expected = mha(x, x, x, need_weights=False)[0]
+            assert _fid_rel(ours.vision_model.encoder.layers[1].self_attn(x), expected) < 1e-5
+        back = fid.open_clip_to_hf(oc)
+        assert set(back) == set(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in oc.items()}, tmp_path / "open_clip_model.safetensors")
+        loaded = fid.load_clip(tmp_path, preset="tiny-test")  # the file, detected as open_clip's, read safely
+        for p, q in zip(loaded.state_dict().values(), ours.state_dict().values()):
+            assert torch.equal(p, q)
+        loaded = fid.CLIPModel(ours.cfg).eval()  # the tiny-test preset uses quick_gelu; these weights are for gelu
+        loaded.load_state_dict(fid.open_clip_to_hf(oc))
+        pixels, ids = torch.randn(2, 3, 32, 32), _fid_ids(1)
+        with torch.no_grad():
+            assert torch.equal(loaded.get_image_features(pixels), ours.get_image_features(pixels))
+            assert torch.equal(loaded.get_text_features(ids), ours.get_text_features(ids))
+
+    def test_clip_presets_have_the_published_sizes(self):
+        sizes = {}
+        for name in ("vit-l-14", "vit-g-14"):
+            with torch.device("meta"):
+                sizes[name] = sum(p.numel() for p in fid.CLIPModel(fid.CLIP_PRESETS[name]).parameters())
+        # L/14: transformers' CLIPModel at openai/clip-vit-large-patch14's config has 427,616,513. g/14: open_clip's
+        # ViT-g-14.json (vision 1408 wide x 40, mlp_ratio 4.3637, text 1024 x 24, embed 1024); its model-profile
+        # table says 1366.68M (quoted from memory: not in the search index)
+        assert sizes == {"vit-l-14": 427_616_513, "vit-g-14": 1_366_678_273}
+
+    def test_clip_score_is_mean_cosine(self):
+        transformers = pytest.importorskip("transformers")
+        ours, ref = _fid_hf_clip("quick_gelu", seed=2)
+        rng = np.random.default_rng(0)
+        images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((64, 64), (48, 76))]
+        texts = ["a photo of a cat", "a red bus"]
+        # transformers' own CLIP preprocessing at this tower's size, as the independent reference
+        proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        pixels = proc(images=images, return_tensors="pt")["pixel_values"]
+        ours_pixels = torch.stack([fid.clip_preprocess(im, 32) for im in images])
+        assert (ours_pixels - pixels).abs().max() < 1e-5
+        tok = fid.clip_text.Tokenizer(fid.clip_text.find_openai_vocab()) if fid.clip_text.find_openai_vocab() \
+            else __import__("sampler").toy_tokenizer()
+        with torch.no_grad():
+            img = ref.get_image_features(pixel_values=pixels)
+            txt = ref.get_text_features(input_ids=tok(texts))
+        img, txt = (getattr(r, "pooler_output", r) for r in (img, txt))
+        expected = torch.nn.functional.cosine_similarity(img, txt).mean().item()
+        assert fid.clip_score(ours, images, texts, tok) == pytest.approx(expected, rel=1e-4)
+
+    # --- command line ------------------------------------------------------------------------------------------------
+    def test_cli_fid_stats_isc_and_bad_input(self, tmp_path, capsys, monkeypatch):
+        monkeypatch.setattr(fid, "random_inception", _fid_fake_inception)  # the CLI's logic, not the network
+        a, b = _fid_write_images(tmp_path / "a", 3), _fid_write_images(tmp_path / "b", 3, seed=1)
+        common = ["--random-weights", "--num-workers", "0", "--batch-size", "2"]
+        with pytest.warns(UserWarning):
+            fid.main([str(a), str(b), *common])
+            value = float(capsys.readouterr().out.split("FID:")[1])
+            fid.main(["--save-stats", str(b), str(tmp_path / "b.npz"), *common])
+            fid.main([str(a), str(tmp_path / "b.npz"), *common])
+        assert value > 0 and float(capsys.readouterr().out.split("FID:")[1]) == pytest.approx(value, rel=1e-9)
+        (tmp_path / "empty").mkdir()
+        _fid_write_images(tmp_path / "one", 1)
+        np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+        for args, message in [([str(tmp_path / "empty"), str(b)], "no images"),
+                              ([str(tmp_path / "one"), str(b)], "at least 2"),
+                              ([str(a), str(tmp_path / "small.npz")], "not 2048-d")]:
+            with pytest.raises(SystemExit) as e, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the small-sample warning of the good side
+                fid.main([*args, *common])
+            assert message in str(e.value) and "\n" not in str(e.value)
+        c = _fid_write_images(tmp_path / "c", 10, size=(16, 16))  # torch-fidelity's 10 splits need 10 images
+        (c / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+        with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+            fid.main(["--isc", str(c), *common])
+        assert "Inception Score" in capsys.readouterr().out
+
+    def test_cli_clip_score_and_bad_rows(self, tmp_path, capsys):
+        a = _fid_write_images(tmp_path / "a", 2)
+        (tmp_path / "m.csv").write_text("file_name,text\n000.png,a cat\n001.png,\"a dog\"\n../x.png,escape\n"
+                                        "002.png,a,b\n")
+        fid.main(["--clip-score", str(a), "--prompts", str(tmp_path / "m.csv"), "--random-weights"])
+        out, err = capsys.readouterr()
+        assert "CLIP score" in out and "skipped 2 bad row(s)" in err
+
+
+    # --- coco --------------------------------------------------------------------------------------------------------
+    def test_coco_resumes_exactly_and_shards_without_changing_images(self, tmp_path, monkeypatch, capsys):
+        import sampler
+        # 64 features: a 2048-d sqrtm costs seconds per scoring, and this test scores three times
+        monkeypatch.setattr(fid, "random_inception", lambda seed=0: _FIDFakeInception(dims=64))
+        (tmp_path / "m.csv").write_text("file_name,text\nCOCO_1.jpg,a cat on a mat\nbad row without text\n"
+                                        "COCO_2.jpg,a red bus\nCOCO_3.png,two dogs\n")
+        run = lambda out, *more: fid.main(["coco", "--random-weights", "--prompts", str(tmp_path / "m.csv"), "--out",
+                                           str(tmp_path / out), "--steps", "2", "--num-workers", "0", *more])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # few images: the covariance warning
+            run("straight")
+            real_txt2img, calls = sampler.txt2img, {"n": 0, "kill_at": 2}
+
+            def counted(*a, **k):  # kill_at: a run killed while it makes that image
+                calls["n"] += 1
+                if calls["n"] == calls["kill_at"]:
+                    raise _FIDKilled
+                return real_txt2img(*a, **k)
+            monkeypatch.setattr(sampler, "txt2img", counted)
+            with pytest.raises(_FIDKilled):
+                run("resumed")
+            assert sorted(p.name for p in (tmp_path / "resumed" / "im512").iterdir()) == ["COCO_1.jpg"]
+            calls.update(n=0, kill_at=None)
+            run("resumed")
+            assert calls["n"] == 2  # the finished image is not made again
+            names = ["COCO_1.jpg", "COCO_2.jpg", "COCO_3.jpg"]
+            for d in ("im512", "im256"):
+                for n in names:  # the generator continued as if never interrupted
+                    assert (tmp_path / "resumed" / d / n).read_bytes() == (tmp_path / "straight" / d / n).read_bytes()
+            first = json.loads((tmp_path / "resumed" / "scores.json").read_text())
+            monkeypatch.setattr(sampler, "txt2img", None)  # a third run generates nothing and scores the same
+            run("resumed")
+        again = json.loads((tmp_path / "resumed" / "scores.json").read_text())
+        assert again == first and first["bad_prompt_rows"] == 1 and first["images"] == 3 and first["random_weights"]
+        assert Image.open(tmp_path / "straight" / "im256" / "COCO_3.jpg").size == (256, 256)
+        assert "RANDOM WEIGHTS" in capsys.readouterr().out
+        with pytest.raises(SystemExit, match="other settings"):  # another seed on the same folder: refused
+            run("resumed", "--seed", "7")
+        np.savez(tmp_path / "small.npz", mu=np.zeros(64), sigma=np.eye(64))
+        with pytest.raises(SystemExit, match="not 2048-d"):  # refused before anything is generated
+            run("fresh", "--real-stats", str(tmp_path / "small.npz"))
+        assert not (tmp_path / "fresh").exists()
+        # torchrun's two ranks, each its contiguous share, write exactly the single run's images
+        monkeypatch.setattr(sampler, "txt2img", real_txt2img)
+        pipe = sampler.random_pipeline("tiny-test")
+        prompts = [(n, t) for n, t in zip(names, ["a cat on a mat", "a red bus", "two dogs"])]
+        s = json.loads((tmp_path / "straight" / "progress-0of1.json").read_text())["settings"]
+        s["world"] = 2
+        for rank in (0, 1):
+            (tmp_path / "sharded" / "im512").mkdir(parents=True, exist_ok=True)
+            (tmp_path / "sharded" / "im256").mkdir(exist_ok=True)
+            fid.generate(pipe, prompts, tmp_path / "sharded", s, "cpu", torch.float32, rank, 2)
+        for n in names:
+            assert (tmp_path / "sharded" / "im512" / n).read_bytes() == \
+                (tmp_path / "straight" / "im512" / n).read_bytes()
