@@ -7,15 +7,21 @@ Results go in BENCHMARKS.md. Needs the dev requirements (diffusers is the refere
   python bench.py --qkv                   # separate vs fused q/k/v projections at SD v1's attention shapes
   python bench.py --load                  # load a saved diffusers folder (random sd-v1 weights): time, peak RSS
   python bench.py --txt2img --preset bk-small --size 256 --steps 10   # whole text-to-image run, per stage
+  python bench.py --distill [--ckpt]      # one BK-SDM KD training step (bk-base from sd-v1), vs the official way
+  python bench.py --distill --device cuda --latent 64 --batch 64 --dtype bfloat16 --ckpt   # the paper's setting
+  python bench.py --fid [--score 1000 --gen 20]   # Inception images/s batched vs image by image; scoring; COCO run
 """
 import argparse
+import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -236,6 +242,205 @@ def bench_txt2img(args):
     print(f"  speed-up of minisd over diffusers: {med['diffusers'] / med['minisd']:.3f}x")
 
 
+# -----------------------------------------------------------------------------
+# distill.py: one whole KD training step (teacher forward + student forward and backward + clipping + AdamW), ours
+# against the same step on diffusers U-Nets with forward hooks by name, as BK-SDM's kd_train_text_to_image.py does
+# it. Each library in its own process (peak memory is its own); the processes alternate.
+
+
+def build_kd(args, which):
+    """Teacher (args.teacher) and student (args.arch) with seeded random weights; for diffusers, its twins holding
+    the same tensors. The teacher is frozen in args.teacher_dtype, the student in fp32."""
+    import distill
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        teacher = UNet(PRESETS[args.teacher])
+    student = distill.build_student(teacher, args.arch)
+    if which == "diffusers":
+        from diffusers import UNet2DConditionModel
+        twins = []
+        for m in (teacher, student):
+            with torch.device("meta"):
+                ref = UNet2DConditionModel(**{k: v for k, v in m.cfg.to_diffusers().items() if k[0] != "_"})
+            ref.load_state_dict(m.state_dict(), strict=True, assign=True)
+            twins.append(ref)
+        teacher, student = twins
+    teacher.to(dtype=DTYPES[args.teacher_dtype]).eval().requires_grad_(False)
+    student.train()
+    if args.ckpt and which == "diffusers":
+        student.enable_gradient_checkpointing()
+    elif args.ckpt:
+        student.gradient_checkpointing = True
+    return teacher, student
+
+
+def official_kd_step(teacher, student, mapping, acts, x_t, t, ctx, target, opt, amp):
+    """The official loop body: student first, then the teacher (outside no_grad, as there), hooks by name."""
+    with amp:
+        eps_s = student(x_t, t, ctx).sample
+        loss_sd = F.mse_loss(eps_s.float(), target.float())
+        eps_t = teacher(x_t.to(teacher.dtype), t, ctx.to(teacher.dtype)).sample
+        loss_out = F.mse_loss(eps_s.float(), eps_t.float())
+        feats = []
+        for m_t, m_s in mapping:
+            a_t, a_s = (a[0] if isinstance(a, tuple) else a for a in (acts["T", m_t], acts["S", m_s]))
+            feats.append(F.mse_loss(a_s.float(), a_t.detach().float()))
+        loss = loss_sd + loss_out + sum(feats)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def one_kd_step(args, which):
+    """Build one library's models, run args.reps timed steps after a warm-up; print a JSON line."""
+    import distill
+    t0 = time.perf_counter()
+    teacher, student = build_kd(args, which)
+    build_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(1)
+    width = PRESETS[args.teacher].cross_attention_dim
+    latent = (args.batch, 4, args.latent, args.latent)
+    shapes = (latent, (args.batch, 77, width), latent)
+    x_t, ctx, target = (torch.randn(*s, generator=g).to(args.device) for s in shapes)
+    t = torch.randint(0, 1000, (args.batch,), generator=g).to(args.device)
+    opt = torch.optim.AdamW(student.parameters(), lr=5e-5, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    dtype = DTYPES[args.dtype]
+    amp = torch.autocast(args.device, dtype) if dtype != torch.float32 else nullcontext()
+    mapping = distill.feature_taps(PRESETS[args.teacher], distill.student_config(PRESETS[args.teacher], args.arch))
+    if which == "diffusers":  # the official add_hook: register on every module whose name is listed
+        acts = {}
+        for side, net, names in (("T", teacher, [a for a, _ in mapping]), ("S", student, [b for _, b in mapping])):
+            for n, m in net.named_modules():
+                if n in names:
+                    m.register_forward_hook(lambda mod, i, o, key=(side, n): acts.__setitem__(key, o))
+
+        def step():
+            return official_kd_step(teacher, student, mapping, acts, x_t, t, ctx, target, opt, amp)
+    else:
+        scaler = torch.amp.GradScaler(args.device, enabled=dtype == torch.float16)
+
+        def step():
+            return distill.kd_step(student, teacher, mapping, lambda i: (x_t, t, ctx, target), 1, opt, scaler,
+                                   amp)["total"]
+    loss0 = step()  # warm-up; its loss is compared across libraries (same weights, same inputs)
+    times = []
+    for _ in range(args.reps):
+        sync(args)
+        t1 = time.perf_counter()
+        step()
+        sync(args)
+        times.append(time.perf_counter() - t1)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else peak_gb()
+    print(json.dumps(dict(which=which, loss0=loss0, times=times, build_s=build_s, peak_gb=peak)))
+
+
+def bench_distill(args):
+    """Alternate the two libraries in fresh processes, args.rounds times each; print medians and ratios."""
+    flags = [f"--arch={args.arch}", f"--teacher={args.teacher}", f"--latent={args.latent}", f"--batch={args.batch}",
+             f"--device={args.device}", f"--dtype={args.dtype}", f"--teacher-dtype={args.teacher_dtype}",
+             f"--reps={args.reps}", f"--threads={args.threads}"] + (["--ckpt"] if args.ckpt else [])
+    runs = {"minisd": [], "diffusers": []}
+    for _ in range(args.rounds):
+        for which in runs:
+            out = subprocess.run([sys.executable, __file__, *flags, f"--kd-child={which}"], capture_output=True,
+                                 text=True)
+            if out.returncode:  # e.g. out of memory, or no diffusers on that machine: report, go on
+                print(f"{which} failed:\n{out.stderr[-1500:]}")
+                continue
+            runs[which].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs = {w: rs for w, rs in runs.items() if rs}
+    med = {w: statistics.median(t for r in rs for t in r["times"]) for w, rs in runs.items()}
+    peak = {w: max(r["peak_gb"] for r in rs) for w, rs in runs.items()}
+    print(f"KD step, {args.arch} from {args.teacher}, {args.latent}x{args.latent} latent, batch {args.batch}, "
+          f"{args.device} {args.dtype} (teacher {args.teacher_dtype}), gradient checkpointing "
+          f"{'on' if args.ckpt else 'off'}, {args.threads} threads")
+    for w, rs in runs.items():
+        print(f"  {w:9s}: {med[w]:.3f} s/step (all: {', '.join(f'{t:.2f}' for r in rs for t in r['times'])}), "
+              f"peak {peak[w]:.2f} GB, first loss {rs[0]['loss0']:.6f}")
+    if len(runs) == 2:
+        print(f"  diffusers / minisd: time x{med['diffusers'] / med['minisd']:.2f}, "
+              f"peak memory x{peak['diffusers'] / peak['minisd']:.2f}")
+
+# -----------------------------------------------------------------------------
+# fid.py: Inception features per second, batched (ours) against the same network fed image by image (as pytorch-fid
+# runs it); the Frechet distance's sqrtm at 2048-d; scoring N 256x256 JPEGs as `coco` does (FID + IS + CLIP score);
+# and generating N BK-SDM-Tiny images (random weights: the cost of real ones) as `python fid.py coco` does.
+
+
+def timed(args, fn):
+    sync(args)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(args)
+    return time.perf_counter() - t0, out
+
+
+def bench_fid(args):
+    import fid
+    import sampler
+    dev = args.device
+    torch.manual_seed(0)
+    model = fid.InceptionV3().to(dev)
+    images = torch.randint(0, 256, (args.n, 3, 256, 256), dtype=torch.uint8)
+    res = {}
+    with torch.no_grad():
+        model(images[:args.fid_batch])  # warm-up at both shapes: oneDNN builds its primitives per input shape on first
+        model(images[:1])  # use (measured: tens of seconds on a busy 2-core CPU), cuDNN picks its kernels
+        for mode in ("fid", "isc"):
+            t, _ = timed(args, lambda: [model(images[i:i + args.fid_batch], mode)
+                                        for i in range(0, args.n, args.fid_batch)])
+            res[f"batched {mode}"] = args.n / t
+        k = min(args.n, args.single)
+        t, _ = timed(args, lambda: [model(images[i:i + 1]) for i in range(k)])
+        res["image by image fid"] = k / t
+    for name, v in res.items():
+        print(f"inception {name:>20}: {v:8.1f} img/s  (batch {args.fid_batch if 'batched' in name else 1}, {dev})")
+    a = np.random.default_rng(0).standard_normal((3000, 2048))
+    mu, sigma = a.mean(0), np.cov(a, rowvar=False)
+    t, _ = timed(args, lambda: fid.frechet_distance(mu, sigma, mu + 0.1, sigma * 1.1))
+    print(f"frechet_distance 2048-d (scipy sqrtm, CPU): {t:.1f} s")
+    if args.score:
+        from PIL import Image
+        with tempfile.TemporaryDirectory() as d:
+            rng, files = np.random.default_rng(0), []
+            for i in range(args.score):
+                files.append(Path(d) / f"{i:05d}.jpg")
+                Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(files[-1], quality=75)
+            kw = dict(batch_size=args.fid_batch, num_workers=args.workers, progress=False)
+            t_fid, st = timed(args, lambda: fid.compute_stats(files, fid.inception_extractor(model), **kw))
+            t_isc, _ = timed(args, lambda: fid.features(files, fid.inception_extractor(model, "isc"), **kw))
+            t_fd, _ = timed(args, lambda: fid.frechet_distance(*st, *st))
+            with torch.device(dev):  # random ViT-g-14 built on the device: its init takes minutes on a CPU
+                clip = fid.CLIPModel(fid.CLIP_PRESETS[args.clip]).to(dtype=torch.float16 if dev != "cpu" else
+                                                                      torch.float32).eval()
+            vocab = fid.clip_text.find_openai_vocab()
+            tok = fid.clip_text.Tokenizer(vocab) if vocab else sampler.toy_tokenizer()
+            t_clip, _ = timed(args, lambda: fid.clip_score(clip, files, ["a photo of a cat"] * len(files), tok))
+        total = t_fid + t_isc + t_fd + t_clip
+        print(f"score {args.score} JPEGs 256px on {dev}: FID features {t_fid:.1f} s, IS features {t_isc:.1f} s, "
+              f"sqrtm {t_fd:.1f} s, CLIP {args.clip} {t_clip:.1f} s; total {total:.1f} s "
+              f"(-> 30K: {total * 30000 / args.score / 60:.1f} min)")
+    if args.gen:
+        t_build, pipe = timed(args, lambda: sampler.random_pipeline("bk-tiny"))
+        dtype = torch.float16 if dev != "cpu" else torch.float32
+        pipe.to(dev, dtype)
+        prompts = [(f"{i:05d}.jpg", f"a photo of object number {i}") for i in range(args.gen + 1)]
+        s = dict(prompts="bench", weights="RANDOM bk-tiny", seed=1234, batch=1, steps=25, guidance=7.5, size=512,
+                 world=1)
+        with tempfile.TemporaryDirectory() as d:
+            for run in ("warm-up", "timed"):
+                for sub in ("im512", "im256"):
+                    (Path(d) / run / sub).mkdir(parents=True)
+            fid.generate(pipe, prompts[:1], Path(d) / "warm-up", s, dev, dtype)  # one image: cuDNN, allocator
+            t, _ = timed(args, lambda: fid.generate(pipe, prompts[1:], Path(d) / "timed", s, dev, dtype))
+        per = t / args.gen
+        print(f"generate BK-SDM-Tiny 512px, PNDM 25 steps, guidance 7.5, batch 1, {dtype}, {dev}: {per:.2f} s/image "
+              f"incl. JPEG + resize ({args.gen} images; -> 1,000: {per * 1000 / 60:.1f} min, 30K: "
+              f"{per * 30000 / 3600:.1f} h); pipeline build {t_build:.0f} s")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--preset", default="sd-v1", choices=list(PRESETS))
@@ -250,11 +455,32 @@ if __name__ == "__main__":
     ap.add_argument("--txt2img", action="store_true", help="benchmark a whole text-to-image run")
     ap.add_argument("--size", type=int, default=256, help="--txt2img: image side in pixels")
     ap.add_argument("--steps", type=int, default=10, help="--txt2img: sampling steps")
+    ap.add_argument("--distill", action="store_true", help="benchmark one KD training step (see distill.py)")
+    ap.add_argument("--arch", default="base", choices=["base", "small", "tiny"], help="--distill: the student")
+    ap.add_argument("--teacher", default="sd-v1", choices=list(PRESETS), help="--distill: the teacher preset")
+    ap.add_argument("--teacher-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--ckpt", action="store_true", help="--distill: gradient checkpointing in the student")
+    ap.add_argument("--rounds", type=int, default=2, help="--distill: processes per library, alternating")
+    ap.add_argument("--fid", action="store_true", help="benchmark the Inception network and the COCO scoring")
+    ap.add_argument("--n", type=int, default=64, help="--fid: images for the Inception throughput")
+    ap.add_argument("--single", type=int, default=16, help="--fid: images for the image-by-image figure")
+    ap.add_argument("--fid-batch", type=int, default=50, help="--fid: pytorch-fid's default batch")
+    ap.add_argument("--score", type=int, default=0, help="--fid: score this many 256px JPEGs (FID + IS + CLIP)")
+    ap.add_argument("--clip", default="vit-g-14", help="--fid: CLIP preset for --score (random weights)")
+    ap.add_argument("--workers", type=int, default=0, help="--fid: image-reading workers")
+    ap.add_argument("--gen", type=int, default=0, help="--fid: generate this many BK-SDM-Tiny images (random weights)")
+    ap.add_argument("--kd-child", choices=["minisd", "diffusers"], help=argparse.SUPPRESS)
     ap.add_argument("--peak-rss", help=argparse.SUPPRESS)
     ap.add_argument("--load-once", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.peak_rss:
+    if args.kd_child:
+        one_kd_step(args, args.kd_child)
+    elif args.distill:
+        bench_distill(args)
+    elif args.fid:
+        bench_fid(args)
+    elif args.peak_rss:
         peak_rss(args)
     elif args.load_once:
         load_once(*args.load_once, args.dtype)
