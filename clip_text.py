@@ -62,11 +62,12 @@ PRESETS = {
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention: token i sees tokens 0..i only, as in a language model."""
+    """Causal multi-head self-attention: token i sees tokens 0..i only, as in a language model (causal=False: every
+    token sees every other, as in CLIP's image tower, fid.py)."""
 
-    def __init__(self, dim, heads):
+    def __init__(self, dim, heads, causal=True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
@@ -76,7 +77,7 @@ class CLIPAttention(nn.Module):
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         # SDPA directly, not unet.attention(): that one has no causal mask, and this keeps the file
         # self-contained. The scale is the default 1/sqrt(d), as in CLIP.
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(o.transpose(1, 2).reshape(B, L, D))
 
 
@@ -95,9 +96,9 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads)
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)

@@ -19,7 +19,6 @@ import csv
 import json
 import os
 import platform
-import re
 import sys
 import warnings
 from dataclasses import dataclass, replace
@@ -38,6 +37,7 @@ from tqdm import tqdm
 
 import clip_text
 import convert_weights
+from convert_weights import rename  # the LDM rename rules' matcher: `{}` stands for a number
 
 # pytorch-fid's release; torch-fidelity's weights-inception-2015-12-05-6726825d.pth holds the same tensors
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -428,16 +428,6 @@ CLIP_PRESETS = {
 }
 
 
-class CLIPVisionAttention(clip_text.CLIPAttention):
-    """clip_text's attention without the causal mask: every image patch sees every other."""
-
-    def forward(self, x):
-        B, L, D = x.shape
-        q, k, v = (p(x).view(B, L, self.heads, D // self.heads).transpose(1, 2)  # (B, heads, L, d)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, L, D))
-
-
 class CLIPVisionEmbeddings(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -459,9 +449,9 @@ class CLIPVisionTransformer(nn.Module):
         self.embeddings = CLIPVisionEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # sic: the official name
         self.encoder = nn.Module()
-        self.encoder.layers = nn.ModuleList([clip_text.CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
-        for layer in self.encoder.layers:
-            layer.self_attn = CLIPVisionAttention(cfg.hidden_size, cfg.num_attention_heads)
+        # clip_text's encoder layers without the causal mask: every image patch sees every other
+        self.encoder.layers = nn.ModuleList([clip_text.CLIPEncoderLayer(cfg, causal=False)
+                                             for _ in range(cfg.num_hidden_layers)])
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, pixels):
@@ -542,15 +532,6 @@ OPEN_CLIP_NAMES = [("visual.conv1.", "vision_model.embeddings.patch_embedding.")
 BLOCK_NAMES = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("mlp.c_fc.", "mlp.fc1."),
                ("mlp.c_proj.", "mlp.fc2."), ("attn.out_proj.", "self_attn.out_proj.")]
 PROJECTIONS = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
-
-
-def rename(key, table, reverse=False):
-    for a, b in table:
-        a, b = (b, a) if reverse else (a, b)
-        m = re.match(re.escape(a).replace(r"\{\}", r"(\d+)"), key)
-        if m:
-            return b.format(*m.groups()) + key[m.end():]
-    raise KeyError(f"no rule for {key!r}")
 
 
 def open_clip_to_hf(sd):
