@@ -2112,6 +2112,27 @@ class TestFID:
             assert (tmp_path / "sharded" / "im512" / n).read_bytes() == \
                 (tmp_path / "straight" / "im512" / n).read_bytes()
 
+    def test_coco_under_torchrun_equals_one_process(self, tmp_path):
+        """Two real gloo processes (torchrun), as a user shards the run: the same images and scores as one process."""
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = dict(os.environ, OMP_NUM_THREADS="1")  # toy networks: one thread each is fastest
+        coco = [str(HERE / "fid.py"), "coco", "--random-weights", "--steps", "2", "--limit", "3", "--num-workers", "0"]
+        one = subprocess.run([sys.executable, *coco, "--out", str(tmp_path / "one")], capture_output=True, text=True,
+                             env=env, timeout=300)
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                              "127.0.0.1", "--master_port", str(port), *coco, "--out", str(tmp_path / "two")],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+        files = sorted(p.name for p in (tmp_path / "one" / "im512").iterdir())
+        assert len(files) == 3 and files == sorted(p.name for p in (tmp_path / "two" / "im512").iterdir())
+        for d in ("im512", "im256"):
+            for n in files:
+                assert (tmp_path / "one" / d / n).read_bytes() == (tmp_path / "two" / d / n).read_bytes()
+        a, b = (json.loads((tmp_path / o / "scores.json").read_text()) for o in ("one", "two"))
+        assert {k: v for k, v in a.items() if k != "settings"} == {k: v for k, v in b.items() if k != "settings"}
+
 # -----------------------------------------------------------------------------
 # distill.py: BK-SDM distillation (oracles: the official copy table and hook lists, diffusers' U-Nets with hooks and
 # its EMAModel)
