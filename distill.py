@@ -441,10 +441,25 @@ def load_data(args):
     return records, bad
 
 
+def check_args(ap, args):
+    """Numbers that would fail late or silently, and an --out that cannot be written: found before anything loads."""
+    for name in ("batch", "grad_accum", "max_steps", "save_every", "resolution"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.val_every < 0 or not (math.isfinite(args.lr) and args.lr > 0):
+        ap.error(f"need --val-every >= 0 and a finite --lr > 0, got {args.val_every} and {args.lr}")
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        ap.error(f"cannot write to --out {args.out}: {e.strerror or e}")
+
+
 def main(argv=None):
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
     for k, v in (SMOKE if args.random_weights else FULL).items():  # defaults that depend on the mode
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    check_args(ap, args)
     if args.random_weights:
         print("*" * 78 + "\n*** SMOKE RUN: a tiny-test teacher with RANDOM weights, synthetic images: the result "
               "is noise ***\n" + "*" * 78, file=sys.stderr)

@@ -2445,10 +2445,23 @@ class TestDistill:
         with pytest.raises(SystemExit, match="metadata.csv.*--random-weights"):
             distill.main(["--out", str(tmp_path / "run")])
 
+    def test_bad_numbers_and_an_unwritable_out_stop_before_anything_loads(self, tmp_path, monkeypatch, capsys):
+        monkeypatch.setattr(distill, "load_data", lambda *a: pytest.fail("data was read"))
+        (tmp_path / "file").write_text("")  # a file where the run folder should be made
+        for flags, msg in [(["--max-steps", "0"], "--max-steps must be >= 1, got 0"),
+                           (["--batch", "0"], "--batch must be >= 1, got 0"),
+                           (["--grad-accum", "-1"], "--grad-accum must be >= 1, got -1"),
+                           (["--lr", "nan"], "a finite --lr > 0, got 6 and nan"),
+                           (["--out", str(tmp_path / "file" / "run")], f"cannot write to --out {tmp_path}/file/run")]:
+            with pytest.raises(SystemExit) as e:
+                distill.main(["--random-weights", "--out", str(tmp_path / "run"), *flags])
+            assert e.value.code == 2 and msg in capsys.readouterr().err, flags
+        assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
     def test_a_teacher_folder_and_a_metadata_csv_folder(self, tmp_path):
         import convert_weights
         pipe = sampler.random_pipeline("tiny-test", seed=3)
-        convert_weights.to_diffusers(convert_weights.Pipeline(**vars(pipe)), tmp_path / "teacher")
+        convert_weights.to_diffusers(pipe, tmp_path / "teacher")
         data = tmp_path / "data"
         data.mkdir()
         for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
