@@ -17,6 +17,7 @@ import argparse
 import base64
 import csv
 import json
+import math
 import os
 import platform
 import sys
@@ -757,11 +758,19 @@ def main(argv=None):
         if argv[:1] == ["coco"]:
             if not args.random_weights and not (args.prompts and args.weights and args.real_stats):
                 ap.error("coco needs --prompts, --weights and --real-stats (or --random-weights)")
+            bad = [f"--{k} {getattr(args, k)}" for k in ("limit", "batch", "steps", "size")
+                   if getattr(args, k) is not None and getattr(args, k) < 1]
+            if bad or not math.isfinite(args.guidance):  # nan would silently turn guidance off
+                ap.error(f"need --limit, --batch, --steps, --size >= 1 and a finite --guidance: "
+                         f"{', '.join(bad) or f'--guidance {args.guidance}'}")
             return coco(args)
         device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         n = 1 if args.isc or args.clip_score else 2
         if len(args.path) != n:
             ap.error(f"expected {n} path(s), got {len(args.path)}")
+        missing = [p for p in args.path[:1 if args.save_stats else n] if not Path(p).exists()]
+        if missing:  # before the networks load: a typo costs nothing
+            ap.error(f"no such folder or file: {', '.join(missing)}")
         if args.random_weights:
             print("*** RANDOM Inception / CLIP weights: the numbers mean nothing ***", file=sys.stderr)
             torch.manual_seed(0)

@@ -2112,6 +2112,21 @@ class TestFID:
             assert (tmp_path / "sharded" / "im512" / n).read_bytes() == \
                 (tmp_path / "straight" / "im512" / n).read_bytes()
 
+    def test_cli_bad_paths_and_numbers_stop_before_any_network_loads(self, tmp_path, monkeypatch, capsys):
+        for name in ("load_inception", "random_inception", "coco"):
+            monkeypatch.setattr(fid, name, lambda *a, **k: pytest.fail("work began before the arguments were checked"))
+        nope, out = str(tmp_path / "nope"), str(tmp_path / "out")
+        for argv, msg in [([nope, str(tmp_path / "x.npz")], f"no such folder or file: {nope}, {tmp_path}/x.npz"),
+                          (["--isc", nope], f"no such folder or file: {nope}"),
+                          (["--save-stats", nope, str(tmp_path / "s.npz")], f"no such folder or file: {nope}"),
+                          (["coco", "--random-weights", "--out", out, "--guidance", "nan"], "--guidance nan"),
+                          (["coco", "--random-weights", "--out", out, "--batch", "0"], "--batch 0"),
+                          (["coco", "--random-weights", "--out", out, "--limit", "0"], "--limit 0")]:
+            with pytest.raises(SystemExit) as e:
+                fid.main(argv)
+            assert e.value.code == 2 and msg in capsys.readouterr().err, argv
+        assert sorted(p.name for p in tmp_path.iterdir()) == []
+
     def test_coco_under_torchrun_equals_one_process(self, tmp_path):
         """Two real gloo processes (torchrun), as a user shards the run: the same images and scores as one process."""
         with socket.socket() as sock:
