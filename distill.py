@@ -587,10 +587,9 @@ def main(argv=None):
 
 
 def student_pipeline(pipe, ema, scfg):
-    return convert_weights.Pipeline(
-        unet=ema, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, vae=pipe.vae, unet_cfg=scfg,
-        text_cfg=pipe.text_cfg, vae_cfg=pipe.vae_cfg, name=f"BK-SDM student of {pipe.name}",
-        scheduler_config=pipe.scheduler_config or dict(convert_weights.SD_V1_SCHEDULER))
+    """The teacher's pipeline with the EMA student as its U-Net."""
+    return replace(pipe, unet=ema, unet_cfg=scfg, name=f"BK-SDM student of {pipe.name}",
+                   scheduler_config=pipe.scheduler_config or dict(convert_weights.SD_V1_SCHEDULER))
 
 
 def validate(pipe, ema, scfg, prompts, seed, size, stem):
