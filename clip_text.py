@@ -55,6 +55,9 @@ PRESETS = {
                      intermediate_size=4096, hidden_act="gelu"),
     # width 32 = the U-Net tiny-test cross_attention_dim; the full vocabulary so the real tokenizer works
     "tiny-test": replace(SD_V1, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+    # toy.py's frozen random encoder, with a vocabulary learnt from its captions (at most 1024 tokens)
+    "toy": replace(SD_V1, vocab_size=1024, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=256),
 }
 
 # -----------------------------------------------------------------------------

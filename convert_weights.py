@@ -23,7 +23,6 @@ import argparse
 import json
 import pickle
 import re
-import struct
 import sys
 import zipfile
 from collections import Counter, defaultdict, namedtuple
@@ -70,25 +69,6 @@ class LightningCheckpointStub:
     weights. Allow-listing this inert class lets the weights_only unpickler fill it (dict update, no code runs)."""
 
 
-def diagnose_safetensors(path):
-    """Why safetensors refused a file, in words: the layout is u64 header size, JSON header, then the tensor data."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        if size < 8:
-            return f"only {size} bytes: not even the 8-byte header length"
-        n = struct.unpack("<Q", f.read(8))[0]
-        if 8 + n > size:
-            return f"the header claims {n} bytes but the file has {size}: truncated, or not a safetensors file"
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            return "the JSON header does not parse: corrupt"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        return f"tensor data ends at byte {8 + n + end} but the file has {size}: truncated (an interrupted download?)"
-    return "safetensors rejected it"
-
-
 def read_file(path, dtype=None):
     """One weights file -> (flat dict of CPU tensors, metadata dict), floating tensors cast to dtype if given."""
     path = Path(path)
@@ -106,7 +86,7 @@ def read_file(path, dtype=None):
             with safe_open(path, framework="pt", backend="pread") as f:
                 return {k: cast(f.get_tensor(k)) for k in f.keys()}, meta
         except SafetensorError as e:
-            raise ValueError(f"{path}: cannot read this safetensors file: {diagnose_safetensors(path)} ({e})") from e
+            raise ValueError(f"{path}: cannot read this safetensors file ({e}): truncated or corrupt?") from e
     try:  # mmap needs torch's zip format (torch >= 1.6); very old files are read whole
         with torch.serialization.safe_globals([(LightningCheckpointStub,
                                                 "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]):

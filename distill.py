@@ -145,7 +145,12 @@ def capture(modules):
 
 def kd_losses(student, teacher, taps, x_t, t, context, target, lambdas=(1.0, 1.0, 1.0)):
     """BK-SDM's loss on one batch -> {task, out, feat, total} scalars. Each MSE is in fp32 with mean reduction.
-    The frozen teacher sees the same x_t, t and text states, in its own dtype, without a graph."""
+    The frozen teacher sees the same x_t, t and text states, in its own dtype, without a graph. With both KD
+    weights 0 the teacher is not run: that is the plain diffusion loss (LDM eq. 2), how toy.py trains a teacher."""
+    if lambdas[1] == lambdas[2] == 0:
+        eps_S = student(x_t, t, context)
+        task, zero = F.mse_loss(eps_S.float(), target.float()), torch.zeros((), device=x_t.device)
+        return dict(total=lambdas[0] * task, task=task, out=zero, feat=zero)
     t_dtype = next(unwrap(teacher).parameters()).dtype
     with torch.no_grad(), capture([unwrap(teacher).get_submodule(a) for a, _ in taps]) as f_T:
         eps_T = teacher(x_t.to(t_dtype), t, context.to(t_dtype))
@@ -317,13 +322,15 @@ class LatentCache:
 # 4. The training step: DDPM's forward process on the teacher's latents, the loss, accumulation, AdamW
 
 
-def make_micro_batch(stream, cache, gen, B, rank, world, prediction, ab, parts, amp):
+def make_micro_batch(stream, cache, gen, B, rank, world, prediction, ab, parts, amp, drop_caption=0.0, flip=True):
     """Latents (a VAE posterior sample x 0.18215) and text states; timesteps uniform in [0, 1000), noise, and x_t by
     DDPM eq. (4). Random numbers are drawn for the global batch (B x world) from a generator that is the same on
-    every rank, and each rank keeps its share: N processes draw exactly what one process would."""
+    every rank, and each rank keeps its share: N processes draw exactly what one process would. drop_caption: the
+    share of captions replaced by "" (SD's 10%, which classifier-free guidance needs; BK-SDM drops none). flip=False:
+    no random horizontal flips, for captions that say left or right (toy.py's)."""
     items, dev = stream.batch(B), parts.device
     G, shape = B * world, (parts.latent_channels, parts.size // parts.factor, parts.size // parts.factor)
-    flip = torch.rand(G, generator=gen)[rank::world] < 0.5  # random horizontal flip
+    flip = (torch.rand(G, generator=gen)[rank::world] < 0.5) & flip  # random horizontal flip (drawn either way)
     t = torch.randint(0, len(ab), (G,), generator=gen)[rank::world]
     eps_vae, noise = (torch.randn((G, *shape), generator=gen)[rank::world].to(dev) for _ in range(2))
     with torch.no_grad(), amp:
@@ -336,6 +343,10 @@ def make_micro_batch(stream, cache, gen, B, rank, world, prediction, ab, parts, 
             mean, std = (torch.stack(v).to(dev) for v in zip(*rows))
             context = torch.stack([it[4] for it in items]).to(dev)
         z0 = ((mean + std * eps_vae) * parts.scaling_factor).float()
+        if drop_caption:  # drawn only when asked, so that runs without it keep their random stream
+            drop = (torch.rand(G, generator=gen)[rank::world] < drop_caption).to(dev)
+            empty = parts.text_encoder(parts.tokenizer([""]).to(dev)).to(context.dtype)
+            context = torch.where(drop[:, None, None], empty, context)
     a = ab.to(dev)[t.to(dev)][:, None, None, None]
     x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise  # eq. (4): q(x_t | x_0) = N(sqrt(ab_t) x_0, (1 - ab_t) I)
     # the target: the noise; for v-prediction teachers (SD 2.x-768) v = sqrt(ab) eps - sqrt(1 - ab) x_0
@@ -343,7 +354,8 @@ def make_micro_batch(stream, cache, gen, B, rank, world, prediction, ab, parts, 
     return x_t, t.to(dev), context.float(), target
 
 
-def kd_step(student, teacher, taps, micro_batches, accum, opt, scaler, amp, max_grad_norm=1.0):
+def kd_step(student, teacher, taps, micro_batches, accum, opt, scaler, amp, max_grad_norm=1.0,
+            lambdas=(1.0, 1.0, 1.0)):
     """One optimizer step over `accum` micro-batches (x_t, t, context, target) = micro_batches(i): gradients summed
     (DDP syncs them on the last one only), clipped to max_grad_norm, then AdamW. Returns the mean losses."""
     logs = dict(total=0.0, task=0.0, out=0.0, feat=0.0)
@@ -351,7 +363,7 @@ def kd_step(student, teacher, taps, micro_batches, accum, opt, scaler, amp, max_
         x_t, t, context, target = micro_batches(i)
         with nullcontext() if i == accum - 1 or not hasattr(student, "no_sync") else student.no_sync():
             with amp:
-                losses = kd_losses(student, teacher, taps, x_t, t, context, target)
+                losses = kd_losses(student, teacher, taps, x_t, t, context, target, lambdas)
             scaler.scale(losses["total"] / accum).backward()  # the mean over the accumulated micro-batches
         for k, v in losses.items():
             logs[k] += v.item() / accum
@@ -448,6 +460,8 @@ def check_args(ap, args):
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.val_every < 0 or not (math.isfinite(args.lr) and args.lr > 0):
         ap.error(f"need --val-every >= 0 and a finite --lr > 0, got {args.val_every} and {args.lr}")
+    if not (0 <= args.drop_caption <= 1 and all(math.isfinite(v) and v >= 0 for v in args.lambdas)):
+        ap.error(f"need 0 <= --drop-caption <= 1 and finite --lambdas >= 0, got {args.drop_caption}, {args.lambdas}")
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -483,7 +497,7 @@ def main(argv=None):
     try:
         scfg = UNetConfig.from_diffusers(json.loads(Path(args.student_config).read_text())) \
             if args.student_config else student_config(pipe.unet_cfg, args.arch)
-        student = build_student(pipe.unet, scfg).to(device).train()
+        student = (UNet(scfg) if args.init == "random" else build_student(pipe.unet, scfg)).to(device).train()
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --student-config {args.student_config}: {e}" if args.student_config else
                          f"error: {e}")
@@ -535,7 +549,7 @@ def main(argv=None):
 
     def micro(i):
         return make_micro_batch(stream, cache, gen, args.batch, rank, world, sched.get("prediction_type", "epsilon"),
-                                ab, parts, amp)
+                                ab, parts, amp, args.drop_caption, not args.no_flip)
 
     def save():
         ks = [torch.tensor([stream.k]) for _ in range(world)]
@@ -550,7 +564,7 @@ def main(argv=None):
     try:
         while step < args.max_steps:
             t0 = time.time()
-            logs = kd_step(model, teacher, taps, micro, args.grad_accum, opt, scaler, amp)
+            logs = kd_step(model, teacher, taps, micro, args.grad_accum, opt, scaler, amp, lambdas=args.lambdas)
             step += 1
             ema_update(ema, student, step)
             sums = torch.tensor([logs["total"], logs["task"], logs["out"], logs["feat"], stream.skipped, stop[0]],
@@ -634,6 +648,12 @@ def parser():
                        ("val_every", "steps between validation images, 0: never")):  # None: FULL's or SMOKE's value
         ap.add_argument(f"--{name.replace('_', '-')}", type=int,  # %(default).0s prints nothing, says it is there
                         help=f"{what} (default: {FULL[name]}; {SMOKE[name]} with --random-weights)%(default).0s")
+    ap.add_argument("--init", default="teacher", choices=["teacher", "random"],
+                    help="the student's weights: copied from the teacher (the paper), or random (ablation)")
+    ap.add_argument("--lambdas", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("TASK", "OUT", "FEAT"),
+                    help="loss weights (the paper: 1 1 1); OUT = FEAT = 0 is plain diffusion training")
+    ap.add_argument("--no-flip", action="store_true", help="no random horizontal flips (captions with left/right)")
+    ap.add_argument("--drop-caption", type=float, default=0.0, help="share of captions replaced by \"\" (SD: 0.1)")
     ap.add_argument("--val-prompts", nargs="+", default=["a golden vase with different flowers"])
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--seed", type=int, default=1234)

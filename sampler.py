@@ -412,6 +412,8 @@ def txt2img(pipe, prompt, negative_prompt=None, steps=25, guidance=7.5, height=N
     device, dtype, times, guide = p.device, p.dtype, {}, guidance > 1
     # 1. the text: (B*n, 77, D) states; guide = classifier-free guidance (diffusers: guidance_scale > 1)
     with stage(times, "text", device):
+        if offload_text_encoder:  # back from the previous call's offload, if any
+            pipe.text_encoder.to(device)
         context = encode_prompts(pipe, prompt, negative_prompt, n, guide, device)
         if offload_text_encoder and device.type != "cpu":  # give its memory to the U-Net's activations
             pipe.text_encoder.to("cpu")
@@ -499,8 +501,8 @@ def random_pipeline(preset="tiny-test", seed=0, tokenizer=None):
 
 
 def native_bf16():
-    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? There, bf16 ran a BK-SDM-Tiny image 3.2x
-    faster than fp32, with the pixels within 5/255 (BENCHMARKS.md). torch.cpu's probes are private: absent means no."""
+    """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? There bf16 is much faster than fp32 and its
+    pixels stay close (BENCHMARKS.md). torch.cpu's probes are private: absent means no."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe is not None and probe() for probe in probes)
 

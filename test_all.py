@@ -382,6 +382,8 @@ class TestUNet:
             m(torch.randn(1, 4, 16, 12), 1, ctx)
         with pytest.raises(ValueError, match="context must be"):
             m(x, 1, torch.randn(1, 77, 768))
+        with pytest.raises(ValueError, match="context must be"):  # one text per latent
+            m(x, 1, torch.randn(2, 77, 32))
         with pytest.raises(ValueError, match="one timestep per sample"):
             m(x, torch.tensor([1, 2, 3]), ctx)
         with pytest.raises(ValueError, match="one entry per stage"):
@@ -1078,14 +1080,11 @@ class TestConvert:
         save_file({"conv_in.weight": torch.randn(32, 4, 3, 3), "conv_out.weight": torch.randn(4, 32, 3, 3)}, f)
         data = f.read_bytes()
         f.write_bytes(data[:-100])
-        with pytest.raises(ValueError, match=r"unet\.safetensors.*tensor data ends at byte .* truncated"):
-            cw.load_state_dict_any(f)
-        f.write_bytes(data[:20])
-        with pytest.raises(ValueError, match=r"unet\.safetensors.*header claims"):
-            cw.load_state_dict_any(f)
-        f.write_bytes(data[:8] + b"{" * (len(data) - 8))
-        with pytest.raises(ValueError, match=r"unet\.safetensors.*does not parse"):
-            cw.load_state_dict_any(f)
+        for bad in (data[:-100], data[:20], data[:8] + b"{" * (len(data) - 8)):  # truncated data, header; bad JSON
+            f.write_bytes(bad)
+            with pytest.raises(ValueError, match=r"unet\.safetensors: cannot read this safetensors file.*truncated or "
+                                                 r"corrupt"):
+                cw.load_state_dict_any(f)
         (tmp_path / "t.ckpt").write_bytes(b"PK\x03\x04garbage")
         with pytest.raises(ValueError, match=r"t\.ckpt: cannot read"):
             cw.load_state_dict_any(tmp_path / "t.ckpt")
@@ -2587,3 +2586,236 @@ class TestDistill:
                 assert err <= 2 * 5e-5 and off <= 0.01, (k, err, off)
         la, lb = _distill_log(tmp_path / "one"), _distill_log(tmp_path / "two")
         assert len(la) == len(lb) == 2 and all(abs(x["loss"] - y["loss"]) <= 1e-5 * x["loss"] for x, y in zip(la, lb))
+
+    # 8. the options toy.py needs: plain diffusion training, random initialisation, caption dropout, no flips
+
+    def test_kd_weights_zero_is_the_plain_diffusion_loss_without_the_teacher(self):
+        torch.manual_seed(0)
+        student = UNet(PRESETS["tiny-test"])
+
+        class NoTeacher(nn.Module):
+            def forward(self, *args):
+                raise AssertionError("the teacher ran")
+        x_t, t, ctx, target = torch.randn(2, 4, 16, 16), torch.tensor([10, 900]), torch.randn(2, 77, 32), \
+            torch.randn(2, 4, 16, 16)
+        losses = distill.kd_losses(student, NoTeacher(), [], x_t, t, ctx, target, lambdas=(1.0, 0.0, 0.0))
+        with torch.no_grad():
+            plain = F.mse_loss(student(x_t, t, ctx), target)
+        assert torch.allclose(losses["total"], plain) and losses["out"] == losses["feat"] == 0
+
+    def test_caption_dropout_and_flips_are_what_was_asked(self):
+        from contextlib import nullcontext
+        from types import SimpleNamespace
+        pipe = sampler.random_pipeline("tiny-test", seed=0)
+        parts = SimpleNamespace(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, size=64,
+                                factor=8, latent_channels=4, scaling_factor=0.18215, device=torch.device("cpu"))
+        ab = sampler.alphas_cumprod(sampler.SD_V1)
+        records = distill.synthetic_records(8, 0)
+
+        def batch(**kw):
+            stream = distill.Stream(records, lambda r: (distill.load_image(r, 64), r[3]), seed=0, rank=0, world=1)
+            with torch.no_grad():
+                return distill.make_micro_batch(stream, None, torch.Generator().manual_seed(5), 8, 0, 1, "epsilon", ab,
+                                                parts, nullcontext(), **kw)
+        with torch.no_grad():
+            empty = pipe.text_encoder(pipe.tokenizer([""]))[0]
+            captions = pipe.text_encoder(pipe.tokenizer([r[3] for r in records]))
+        default, kept, dropped = batch(), batch(drop_caption=0.0), batch(drop_caption=1.0)
+        assert all(torch.equal(a, b) for a, b in zip(default, kept))  # 0: the same random stream as before
+        assert all(torch.equal(c, empty) for c in dropped[2]) and not torch.equal(default[2][0], empty)
+        half = batch(drop_caption=0.5)[2]
+        n_empty = sum(torch.equal(c, empty) for c in half)
+        assert 0 < n_empty < 8 and all(torch.equal(c, empty) or any(torch.equal(c, d) for d in captions) for c in half)
+        # no flips: the latents are those of the unflipped images (the same VAE noise as with flips drawn)
+        x_t, t, _, noise = batch(flip=False)
+        a = ab[t][:, None, None, None]
+        z0 = (x_t - (1 - a).sqrt() * noise) / a.sqrt()
+        stream = distill.Stream(records, lambda r: (distill.load_image(r, 64), r[3]), seed=0, rank=0, world=1)
+        x = torch.stack([im for im, _ in stream.batch(8)])
+        g = torch.Generator().manual_seed(5)
+        torch.rand(8, generator=g), torch.randint(0, 1000, (8,), generator=g)
+        with torch.no_grad():
+            post = pipe.vae.encode(x)
+            expect = (post.mean + post.std * torch.randn(post.mean.shape, generator=g)) * 0.18215
+        assert torch.allclose(z0, expect, atol=1e-4)
+
+    def test_random_init_and_lambdas_from_the_command_line(self, tmp_path):
+        _distill_run(tmp_path, "r", "--init", "random", "--lambdas", "1", "0", "0", "--drop-caption", "0.5",
+                     "--no-flip", "--max-steps", 2, "--save-every", 2)
+        log = _distill_log(tmp_path / "r")
+        assert len(log) == 2 and all(x["out"] == x["feat"] == 0 and x["loss"] == x["task"] for x in log)
+        teacher = sampler.random_pipeline("tiny-test", seed=1234).unet.state_dict()
+        student = load_file(tmp_path / "r" / "final" / "unet" / "diffusion_pytorch_model.safetensors")
+        # two steps at lr 5e-5 move a weight by at most ~1e-4: a copied one would still be within 1e-3. (conv_in is
+        # no witness: the smoke teacher's random weights come from the same seed, drawn in the same order up to there)
+        assert (student["conv_out.weight"] - teacher["conv_out.weight"]).abs().max() > 1e-2
+        for bad in (["--lambdas", "1", "nan", "0"], ["--drop-caption", "2"]):
+            r = run_cli("distill.py", "--random-weights", "--out", str(tmp_path / "x"), *bad)
+            assert r.returncode == 2 and "--drop-caption" in r.stderr
+
+# -----------------------------------------------------------------------------
+# toy.py: the world, its judges, block removal, and the whole reproduction in miniature
+
+import toy  # noqa: E402
+
+_toy_NAMES = {name: canon for canon, names in toy.WORDS.items() for name in names} | \
+    {c: c for c in (*toy.COLOURS, *toy.BACKGROUNDS)}
+
+
+def _toy_parse(caption):
+    """A caption read back with the world's word lists: (background or None, {cell: (shape, colour, size or None)})."""
+    bg = None
+    if caption.endswith(" background"):
+        caption, _, bg = caption[:-len(" background")].rpartition(" on a ")
+    objects = {}
+    for phrase in caption.replace(" and ", ", ").split(", "):
+        if ": " in phrase:
+            where, what = phrase.split(": a ")
+        else:
+            what, where = phrase[2:].split(" in the ")
+        *size, colour, shape = what.split()
+        objects[_toy_NAMES[where]] = (_toy_NAMES[shape], colour, _toy_NAMES[size[0]] if size else None)
+    return bg, objects
+
+
+class TestToy:
+    def test_scenes_are_deterministic_and_varied(self):
+        a, b = toy.make_scene(0, 5), toy.make_scene(0, 5)
+        assert a == b and np.array_equal(toy.draw(a, [0, 5]), toy.draw(b, [0, 5]))
+        scenes = [toy.make_scene(0, i) for i in range(400)]
+        assert scenes != [toy.make_scene(1, i) for i in range(400)]
+        objects = [o for s in scenes for o in s.objects]
+        assert {o[0] for o in objects} == set(toy.SHAPES) and {o[1] for o in objects} == set(toy.COLOURS)
+        assert {o[3] for o in objects} == set(toy.CELLS) and {len(s.objects) for s in scenes} == {1, 2}
+        assert len({s.caption for s in scenes}) == 400  # paraphrases and attributes: no two captions alike
+
+    def test_captions_say_what_is_drawn(self):
+        for i in range(300):
+            s = toy.make_scene(3, i)
+            bg, objects = _toy_parse(s.caption)
+            assert bg == (s.background if s.says_background else None)
+            assert objects == {cell: (shape, colour, size if s.says_size else None)
+                               for shape, colour, size, cell in s.objects}
+            im = toy.draw(s, [3, i]).astype(int)
+            for j, cell in enumerate(toy.CELLS):  # around each cell's centre: the object's colour, or only the ground
+                row, col = divmod(j, 3)
+                y, x = int((row + 0.5) * toy.SIZE / 3), int((col + 0.5) * toy.SIZE / 3)
+                near = np.abs(im[y - 2:y + 3, x - 2:x + 3] - toy.BACKGROUNDS[s.background]).max(-1) <= 2
+                if cell in objects:  # objects move by up to 2 px: some pixel near the centre is fully inside
+                    inside = np.abs(im[y - 2:y + 3, x - 2:x + 3] - toy.COLOURS[objects[cell][1]]).max(-1) <= 2
+                    assert inside.any(), (s.caption, cell)
+                else:
+                    assert near.all(), (s.caption, cell)
+
+    def test_the_tokenizer_gives_each_word_one_token(self):
+        captions = [toy.make_scene(0, i).caption for i in range(500)]
+        tok = toy.train_tokenizer(captions)
+        ids = tok(captions[0])[0]
+        words = captions[0].replace(",", " ,").replace(":", " :").split()
+        assert ids[0] == tok.bos and ids[len(words) + 1] == tok.eos and (ids[1:len(words) + 1] != tok.eos).all()
+        assert len(tok.tok.get_vocab()) <= toy.TEXT.vocab_size
+
+    def test_matches_is_the_caption_check(self):
+        s = toy.Scene("gray", [("circle", "red", "small", "top left"), ("square", "blue", "large", "center")],
+                      says_size=False, says_background=True, caption="")
+        seen = {"top left": ("circle", "red", "large"), "center": ("square", "blue", "small")}
+        assert toy.matches(("gray", seen), s)  # sizes unsaid: not checked
+        assert not toy.matches(("black", seen), s)  # background said: checked
+        assert not toy.matches(("gray", seen | {"top": ("circle", "red", "small")}), s)  # an extra object
+        assert not toy.matches(("gray", {"top left": seen["top left"]}), s)  # a missing one
+        assert not toy.matches(("gray", seen | {"center": ("circle", "blue", "small")}), s)  # a wrong shape
+        assert not toy.matches(("gray", seen), replace(s, says_size=True))
+        assert toy.matches(("black", seen), replace(s, says_background=False))
+
+    def test_scores_are_their_definitions(self):
+        torch.manual_seed(0)
+        net = toy.AttributeNet().eval()
+        scenes = [toy.make_scene(0, i) for i in range(80)]
+        x = toy.images(scenes, 0)
+        u8 = ((x + 1) * 127.5).round().to(torch.uint8)
+        with torch.no_grad():
+            out = net(toy.uint8_to_model(u8))
+            f = net.features(toy.uint8_to_model(u8)).double().numpy()
+        seen = toy.read_scenes(net, toy.uint8_to_model(u8))
+        for i in range(3):  # the decoding: argmax per head, a cell occupied when its logit is > 0
+            assert seen[i][0] == list(toy.BACKGROUNDS)[out["background"][i].argmax()]
+            assert set(seen[i][1]) == {toy.CELLS[j] for j in range(9) if out["occupied"][i, j] > 0}
+        ref = np.random.default_rng(0).normal(size=(100, 64))
+        real = (ref.mean(0), np.cov(ref, rowvar=False))
+        got = toy.scores(net, u8, scenes, real)
+        assert got["accuracy"] == np.mean([toy.matches(s, sc) for s, sc in zip(seen, scenes)])
+        assert abs(got["fid"] - fid.frechet_distance(f.mean(0), np.cov(f, rowvar=False), *real)) < 1e-6 * got["fid"]
+
+    def test_presets_build_and_load_through_convert_weights_and_diffusers(self, tmp_path, monkeypatch):
+        diffusers = pytest.importorskip("diffusers")
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        torch.manual_seed(0)
+        tok = toy.train_tokenizer([toy.make_scene(0, i).caption for i in range(200)])
+        v = AutoencoderKL(toy.VAE).eval()
+        pipe = cw.Pipeline(unet=UNet(toy.UNET).eval(), text_encoder=CLIPTextModel(toy.TEXT).eval(), tokenizer=tok,
+                           vae=v, unet_cfg=toy.UNET, text_cfg=toy.TEXT, vae_cfg=toy.VAE,
+                           scheduler_config=dict(cw.SD_V1_SCHEDULER), name="toy")
+        cw.to_diffusers(pipe, tmp_path / "toy", dtype=torch.float16)
+        ours = cw.load_pipeline(tmp_path / "toy")
+        assert (ours.unet_cfg, ours.vae_cfg, ours.text_cfg) == (toy.UNET, toy.VAE, toy.TEXT)
+        prompt = "a small red disc in the upper left on a gray background"
+        a = sampler.txt2img(ours, prompt, steps=3, generator=0, progress=False)
+        assert a.images.shape == (1, 64, 64, 3)
+        ref = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "toy", local_files_only=True,
+                                                                torch_dtype=torch.float32)
+        ref.set_progress_bar_config(disable=True)
+        assert ref.tokenizer(prompt).input_ids == ours.tokenizer(prompt)[0, :len(ref.tokenizer(prompt).input_ids)].tolist()
+        b = ref(prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+        assert np.abs(a.images[0].numpy().astype(int) - np.round(b[0] * 255).astype(int)).max() <= 1
+
+    def test_removing_base_pairs_is_the_base_students_initialisation(self):
+        torch.manual_seed(0)
+        teacher = UNet(toy.UNET).eval()
+        x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 77, 64)
+        n = len(toy.UNET.block_out_channels)
+        base = [("down_blocks", i, 1) for i in range(n)] + [("up_blocks", k, 1) for k in range(n)]
+        assert set(base) <= set(toy.removable_pairs(toy.UNET))
+        with torch.no_grad():
+            full = teacher(x, t, ctx)
+            with toy.removed(teacher, base):
+                cut = teacher(x, t, ctx)
+            assert torch.equal(teacher(x, t, ctx), full)  # the hooks are gone
+            student = distill.build_student(teacher, "base").eval()(x, t, ctx)
+            with toy.removed(teacher, [("mid_block", None, None)]):
+                no_mid = teacher(x, t, ctx)
+            small = distill.build_student(teacher, "small").eval()(x, t, ctx)
+            with toy.removed(teacher, base + [("mid_block", None, None)]):
+                cut_small = teacher(x, t, ctx)
+        assert rel_err(cut, student) < 1e-5 and rel_err(cut_small, small) < 1e-5
+        assert rel_err(cut, full) > 1e-2 and rel_err(no_mid, full) > 1e-3
+
+    def test_quick_reproduction_runs_every_stage_and_resumes(self, tmp_path):
+        out = tmp_path / "toy"
+        r = run_cli("toy.py", "reproduce", "--quick", "--out", str(out), timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        times = json.loads((out / "times.json").read_text())
+        assert set(times) == {"data", "vae", "classifier", "init", "teacher", "base", "small", "tiny",
+                              "ablation-randominit-task", "ablation-teacherinit-task", "ablation-outputKD", "blocks"}
+        scores = json.loads((out / "scores.json").read_text())
+        assert {"real", "vae", "teacher", "base", "small", "tiny"} <= set(scores)
+        assert all(len(scores[k]["accuracy"]) == len(toy.SEEDS) for k in ("teacher", "tiny"))
+        results = (out / "RESULTS.md").read_text()
+        for heading in ("## 1. Architecture", "## 2. The KD ablation", "## 3. Block importance"):
+            assert heading in results
+        assert all((out / "results" / f).stat().st_size > 0 for f in
+                   ("toy-students.png", "toy-ablation.png", "toy-ablation-loss.png"))
+        # the teacher folder is what sampler.py draws from
+        r = run_cli("sampler.py", "a red circle in the center", "--weights", str(out / "teacher"), "--steps", "2",
+                    "--out", str(tmp_path / "a.png"))
+        assert r.returncode == 0 and Image.open(tmp_path / "a.png").size == (64, 64), r.stderr[-2000:]
+        r = run_cli("toy.py", "publish", "--out", str(out), "--to", str(tmp_path / "repo"))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (tmp_path / "repo" / "RESULTS.md").read_text() == results
+        half = cw.load_pipeline(tmp_path / "repo" / "toy", dtype=torch.float16)
+        assert half.unet_cfg == toy.UNET and half.name.endswith("toy")
+        # a rerun keeps every stage's outputs: nothing is trained or generated again
+        (out / "scores.json").write_text(json.dumps(scores | {"teacher": scores["teacher"] | {"seconds": -1.0}}))
+        r = run_cli("toy.py", "reproduce", "--quick", "--out", str(out), timeout=600)
+        assert r.returncode == 0 and "] stage " not in r.stderr, r.stderr[-3000:]
+        assert json.loads((out / "scores.json").read_text())["teacher"]["seconds"] == -1.0
+        assert json.loads((out / "times.json").read_text()) == times

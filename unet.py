@@ -16,8 +16,8 @@ This file also holds the project's one attention function, `attention()`, which 
 """
 import argparse
 import math
-import time
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -86,18 +86,21 @@ def randn(shape, generator, device, dtype):
 # Config
 
 
+# the UNetConfig fields that a diffusers config.json names and means alike
+SHARED_FIELDS = ("in_channels", "out_channels", "cross_attention_dim", "norm_num_groups", "norm_eps", "flip_sin_to_cos",
+                 "freq_shift", "use_linear_projection", "upcast_attention", "sample_size")
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     in_channels: int = 4                                  # SD v1 latents have 4 channels
     out_channels: int = 4
     block_out_channels: tuple = (320, 640, 1280, 1280)    # one entry per stage; BK-Tiny drops the last
-    layers_per_block: tuple = (2, 2, 2, 2)                # (resnet, attention) pairs per down stage; the
-                                                          # matching up stage has one more (it also eats the
-                                                          # skip from the stage's input). BK-Base/Small/Tiny: 1
+    layers_per_block: tuple = (2, 2, 2, 2)                # (resnet, attention) pairs per down stage; BK: 1. The up
+                                                          # stage has one more: it also eats the stage input's skip
     cross_attn: tuple = (True, True, True, False)         # does the stage have transformer blocks
     mid_block: bool = True                                # BK-Small and BK-Tiny remove it
-    num_heads: tuple = (8, 8, 8, 8)                       # heads per stage (diffusers calls this
-                                                          # `attention_head_dim` in SD v1 configs; head dim = C/8)
+    num_heads: tuple = (8, 8, 8, 8)                       # heads per stage (SD v1 configs: `attention_head_dim`)
     cross_attention_dim: int = 768                        # width of the text states: CLIP ViT-L/14 for SD v1
     norm_num_groups: int = 32
     norm_eps: float = 1e-5                                # resnet GroupNorms; transformer GroupNorm uses 1e-6
@@ -113,9 +116,6 @@ class UNetConfig:
         for name in ("layers_per_block", "cross_attn", "num_heads"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} needs one entry per stage ({n}), got {getattr(self, name)}")
-        for c, h in zip(self.block_out_channels, self.num_heads):
-            if c % self.norm_num_groups or c % h:
-                raise ValueError(f"{c} channels must divide by norm_num_groups={self.norm_num_groups} and heads={h}")
 
     @classmethod
     def from_diffusers(cls, d):
@@ -131,44 +131,28 @@ class UNetConfig:
         odd = {k: d[k] for k, v in defaults.items() if k in d and d[k] != v}
         if odd:
             raise ValueError(f"unsupported U-Net config values (not Stable Diffusion v1/v2): {odd}")
-        down, up = d.get("down_block_types", ()), d.get("up_block_types", ())
-        n = len(down)
-        cross = tuple(t.startswith("CrossAttn") for t in down)
-        if len(up) != n or tuple(t.startswith("CrossAttn") for t in reversed(up)) != cross:
-            raise ValueError(f"up_block_types {up} do not mirror down_block_types {down}")
+        down = d.get("down_block_types", ())
         mid = d.get("mid_block_type", "UNetMidBlock2DCrossAttn")  # a missing key means the default mid-block
         if mid not in (None, "UNetMidBlock2DCrossAttn"):
             raise ValueError(f"unsupported mid_block_type {mid!r}")
-        per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
+        per_stage = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * len(down)
         heads = d.get("num_attention_heads") or d.get("attention_head_dim", 8)  # diffusers' naming quirk
-        if isinstance(d.get("cross_attention_dim", 768), (list, tuple)):
-            raise ValueError("a per-stage cross_attention_dim is not supported")
-        return cls(in_channels=d.get("in_channels", 4), out_channels=d.get("out_channels", 4),
-                   block_out_channels=tuple(d["block_out_channels"]),
-                   layers_per_block=per_stage(d.get("layers_per_block", 2)), cross_attn=cross,
-                   mid_block=mid is not None, num_heads=per_stage(heads),
-                   cross_attention_dim=d.get("cross_attention_dim", 768),
-                   norm_num_groups=d.get("norm_num_groups", 32), norm_eps=d.get("norm_eps", 1e-5),
-                   flip_sin_to_cos=d.get("flip_sin_to_cos", True), freq_shift=d.get("freq_shift", 0),
-                   use_linear_projection=d.get("use_linear_projection", False),
-                   upcast_attention=d.get("upcast_attention", False), sample_size=d.get("sample_size", 64))
+        return cls(block_out_channels=tuple(d["block_out_channels"]),
+                   layers_per_block=per_stage(d.get("layers_per_block", 2)),
+                   cross_attn=tuple(t.startswith("CrossAttn") for t in down), mid_block=mid is not None,
+                   num_heads=per_stage(heads), **{k: d[k] for k in SHARED_FIELDS if k in d})
 
     def to_diffusers(self):
         """The diffusers `UNet2DConditionModel` config for this architecture (for export and tests). Uniform
         per-stage values are written as one int, as the official config.json files have them (diffusers'
         single-file converter does arithmetic on `layers_per_block`)."""
         one = lambda v: v[0] if len(set(v)) == 1 else list(v)
-        return dict(_class_name="UNet2DConditionModel", in_channels=self.in_channels,
-                    out_channels=self.out_channels, block_out_channels=list(self.block_out_channels),
+        return dict(_class_name="UNet2DConditionModel", block_out_channels=list(self.block_out_channels),
                     layers_per_block=one(self.layers_per_block),
                     down_block_types=["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in self.cross_attn],
                     up_block_types=["CrossAttnUpBlock2D" if c else "UpBlock2D" for c in self.cross_attn[::-1]],
                     mid_block_type="UNetMidBlock2DCrossAttn" if self.mid_block else None,
-                    attention_head_dim=one(self.num_heads), cross_attention_dim=self.cross_attention_dim,
-                    norm_num_groups=self.norm_num_groups, norm_eps=self.norm_eps,
-                    flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift,
-                    use_linear_projection=self.use_linear_projection, upcast_attention=self.upcast_attention,
-                    sample_size=self.sample_size)
+                    attention_head_dim=one(self.num_heads), **{k: getattr(self, k) for k in SHARED_FIELDS})
 
 
 SD_V1 = UNetConfig()
@@ -183,6 +167,9 @@ PRESETS = {
     # sd-v1's topology at toy width (3.2M parameters) for fast tests and offline smoke runs
     "tiny-test": replace(SD_V1, block_out_channels=(32, 64, 64, 64), cross_attention_dim=32,
                          norm_num_groups=16, num_heads=(2, 2, 4, 4)),
+    # toy.py's teacher: the same at an 8x8 latent (64 px images), reading a 64-wide text encoder
+    "toy": replace(SD_V1, block_out_channels=(32, 64, 64, 64), cross_attention_dim=64, norm_num_groups=16,
+                   num_heads=(2, 2, 4, 4), sample_size=8),
 }
 
 # -----------------------------------------------------------------------------
@@ -304,18 +291,16 @@ class Transformer2DModel(nn.Module):
     def forward(self, x, context):
         B, C, H, W = x.shape
         h = self.norm(x)
-        if not self.linear:
-            h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, L, C) tokens
-        if self.linear:
-            h = self.proj_in(h)
+        if self.linear:  # SD 2.x: Linear projections on the tokens
+            h = self.proj_in(h.permute(0, 2, 3, 1).reshape(B, H * W, C))  # (B, L, C) tokens
+        else:  # SD v1: 1x1 convs on the image
+            h = self.proj_in(h).permute(0, 2, 3, 1).reshape(B, H * W, C)
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.linear:
-            h = self.proj_out(h)
-        h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # back to (B, C, H, W)
-        if not self.linear:
-            h = self.proj_out(h.contiguous())
+            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # back to (B, C, H, W)
+        else:
+            h = self.proj_out(h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous())
         return x + h
 
 
@@ -431,10 +416,9 @@ class UNet(nn.Module):
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"latent size {tuple(x.shape[2:])} must be divisible by {f}: this U-Net halves it "
                              f"{len(cfg.block_out_channels) - 1} times (image sides divisible by {8 * f})")
-        if context.ndim != 3 or context.shape[-1] != cfg.cross_attention_dim:
-            raise ValueError(f"context must be (B, tokens, {cfg.cross_attention_dim}), got {tuple(context.shape)}")
-        if context.shape[0] != x.shape[0]:
-            raise ValueError(f"batch of context ({context.shape[0]}) differs from latent ({x.shape[0]})")
+        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != cfg.cross_attention_dim:
+            raise ValueError(f"context must be ({x.shape[0]}, tokens, {cfg.cross_attention_dim}), "
+                             f"got {tuple(context.shape)}")
         if t.ndim > 1 or t.numel() not in (1, x.shape[0]):
             raise ValueError(f"t must be a number or hold one timestep per sample, got shape {tuple(t.shape)}")
 
@@ -462,39 +446,32 @@ class UNet(nn.Module):
 
 
 def count_macs(model, latent=64, batch=1):
-    """MACs of one forward pass per top-level block, in the paper's convention: convolutions and linear
-    layers (what thop counts), with the attention matmuls q k^T and p v counted apart (thop skips them).
-    Runs on the meta device: no memory, no time."""
-    cfg = model.cfg
-    meta = model
-    if next(model.parameters()).device.type != "meta":
-        with torch.device("meta"):  # a twin without storage: hooks see only shapes
-            meta = UNet(cfg)
-    macs, current = {}, [None]
+    """MACs of one forward pass per top-level block, in the paper's convention: convolutions and linear layers (what
+    thop counts), with the attention matmuls q k^T and p v counted apart (thop skips them). Runs a twin of the model on
+    the meta device: no memory, no time. Returns {block: [conv and linear MACs, attention matmul MACs]}."""
+    with torch.device("meta"):  # hooks see only shapes
+        meta = UNet(model.cfg)
+    macs = {}
 
-    def conv_linear(m, inp, out):
-        k = m.in_channels // m.groups * math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else m.in_features
-        macs[current[0]][0] += out.numel() * k
+    def count(block, m, inp, out):
+        if isinstance(m, Attention):  # q k^T and p v: 2 * B * Lq * Lk * D
+            x, ctx = inp[0], (inp[1] if len(inp) > 1 else inp[0])
+            macs[block][1] += 2 * x.shape[0] * x.shape[1] * ctx.shape[1] * x.shape[2]
+        else:  # each output element of a conv or linear layer costs one MAC per input it reads
+            k = m.in_channels // m.groups * math.prod(m.kernel_size) if isinstance(m, nn.Conv2d) else m.in_features
+            macs[block][0] += out.numel() * k
 
-    def attn(m, inp, out):
-        x, ctx = inp[0], (inp[1] if len(inp) > 1 else inp[0])
-        macs[current[0]][1] += 2 * x.shape[0] * x.shape[1] * ctx.shape[1] * x.shape[2]  # q k^T and p v
-
-    hooks = [m.register_forward_hook(conv_linear) for m in meta.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    hooks += [m.register_forward_hook(attn) for m in meta.modules() if isinstance(m, Attention)]
-    for name, m in meta.named_children():
-        for sub_name, sub in ([(f"{name}.{i}", b) for i, b in enumerate(m)] if isinstance(m, nn.ModuleList)
-                              else [(name, m)]):
-            def enter(mod, args, sub_name=sub_name):
-                current[0] = sub_name
-                macs.setdefault(sub_name, [0, 0])
-            hooks.append(sub.register_forward_pre_hook(enter))
-    x = torch.zeros(batch, cfg.in_channels, latent, latent, device="meta")
-    ctx = torch.zeros(batch, 77, cfg.cross_attention_dim, device="meta")
+    for name, child in meta.named_children():
+        stages = isinstance(child, nn.ModuleList)  # down_blocks.0, down_blocks.1, ...: one row each
+        for block, module in [(f"{name}.{i}", b) for i, b in enumerate(child)] if stages else [(name, child)]:
+            macs[block] = [0, 0]
+            for m in module.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear, Attention)):
+                    m.register_forward_hook(partial(count, block))
+    x = torch.zeros(batch, model.cfg.in_channels, latent, latent, device="meta")
+    ctx = torch.zeros(batch, 77, model.cfg.cross_attention_dim, device="meta")
     with torch.no_grad():
         meta(x, torch.zeros(batch, device="meta"), ctx)
-    for hk in hooks:
-        hk.remove()
     return macs
 
 
@@ -541,21 +518,16 @@ if __name__ == "__main__":
     ap.add_argument("--preset", default="bk-small", choices=list(PRESETS))
     ap.add_argument("--summary", action="store_true", help="print the block table and exit")
     ap.add_argument("--latent", type=int, default=64, help="latent side (image side / 8)")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--attention", default="sdpa", choices=["sdpa", "tiled"])
     args = ap.parse_args()
-    cfg = replace(PRESETS[args.preset], attention=args.attention)
+    cfg = PRESETS[args.preset]
     if args.summary:
         print(f"U-Net {args.preset} vs sd-v1 (pairs: R = resnet only, A = resnet + attention)")
         print(summary(cfg, args.latent))
     else:
         print(f"*** SMOKE RUN: {args.preset} U-Net with RANDOM weights; the output is noise, not a model ***")
         torch.manual_seed(0)
-        model = UNet(cfg).eval()
-        x = torch.randn(args.batch, cfg.in_channels, args.latent, args.latent)
-        ctx = torch.randn(args.batch, 77, cfg.cross_attention_dim)
-        t0 = time.perf_counter()
+        x = torch.randn(1, cfg.in_channels, args.latent, args.latent)
+        ctx = torch.randn(1, 77, cfg.cross_attention_dim)
         with torch.no_grad():
-            eps = model(x, 999, ctx)
-        print(f"eps {tuple(eps.shape)}, mean {eps.mean():.4f}, std {eps.std():.4f}, "
-              f"{time.perf_counter() - t0:.2f}s")
+            eps = UNet(cfg).eval()(x, 999, ctx)
+        print(f"eps {tuple(eps.shape)}, mean {eps.mean():.4f}, std {eps.std():.4f}")

@@ -50,6 +50,7 @@ class VAEConfig:
 PRESETS = {
     "sd-v1": VAEConfig(),  # 83.65M parameters; SD v1.x and all BK-SDM models share this VAE
     "tiny-test": VAEConfig(block_out_channels=(8, 16, 32, 32), norm_num_groups=4),  # sd-v1 topology, toy width
+    "toy": VAEConfig(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=8),  # toy.py's
 }
 
 # -----------------------------------------------------------------------------
