@@ -264,6 +264,11 @@ def uint8_to_model(batch):
     return torch.stack(list(batch)).float() / 127.5 - 1
 
 
+def to_uint8(x):
+    """[-1, 1] images -> uint8, as the sampler writes its images."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def scores(net, imgs, scenes, real_stats):
     """imgs uint8 (N, 3, 64, 64) for scenes -> toy accuracy (share matching their caption) and toy FID."""
     seen = [s for i in range(0, len(imgs), 250) for s in read_scenes(net, uint8_to_model(imgs[i:i + 250]))]
@@ -361,6 +366,11 @@ ABLATION = {  # name: distill.py flags, on base at a fixed number of steps; "bas
 }
 
 
+def ablation_slug(name):
+    """"+ output KD" -> "ablation-outputKD": the run's folder name."""
+    return "ablation-" + name.replace(" ", "").replace("+", "-").strip("-")
+
+
 class Run:
     """The output folder, with stage(): a stage runs once; its time is kept in times.json."""
 
@@ -417,7 +427,7 @@ def reproduce(out, plan):
     net = AttributeNet()
     net.load_state_dict(load_file(o / "classifier.safetensors"))
     net.eval()
-    real_u8 = ((images(val, plan.seed + 1) + 1) * 127.5).round().to(torch.uint8)
+    real_u8 = to_uint8(images(val, plan.seed + 1))
     real_stats = fid.compute_stats(list(real_u8), extractor=lambda b: net.features(uint8_to_model(b)), progress=False)
     # the teacher: SD v1's topology at toy width, trained from random weights with the plain diffusion loss
     run.stage("init", o / "init" / "model_index.json", lambda: write_init(o, train, plan.seed))
@@ -430,25 +440,24 @@ def reproduce(out, plan):
         run.stage(arch, o / arch / "model_index.json", lambda: distill_run(
             run, arch, o / "teacher", plan.student_steps, plan.student_lr, "--arch", arch))
     for name, flags in ABLATION.items():
-        slug = "ablation-" + name.replace(" ", "").replace("+", "-").strip("-")
+        slug = ablation_slug(name)
         run.stage(slug, o / slug / "model_index.json", lambda: distill_run(
             run, slug, o / "teacher", plan.student_steps, plan.student_lr, "--arch", "base", *flags))
     # the scores
     results = json.loads((o / "scores.json").read_text()) if (o / "scores.json").exists() else {}
     # the ceilings: real images (accuracy on held-out ones, FID of training images against them), and real images
     # through the VAE, which is all that a latent diffusion model can draw
-    real_train = ((images(train[:plan.val], plan.seed) + 1) * 127.5).round().to(torch.uint8)
+    real_train = to_uint8(images(train[:plan.val], plan.seed))
     results["real"] = dict(accuracy=[scores(net, real_u8, val, real_stats)["accuracy"]],
                            fid=[scores(net, real_train, train[:plan.val], real_stats)["fid"]])
     with torch.no_grad():
         v = load_vae(o / "vae.safetensors")
         rec = torch.cat([v(images(val[i:i + 100], plan.seed + 1)) for i in range(0, plan.val, 100)])
-    rec_u8 = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    rec_u8 = to_uint8(rec)
     results["vae"] = {k: [v] for k, v in scores(net, rec_u8, val, real_stats).items()}
     results["vae"]["psnr"] = [10 * np.log10(255 ** 2 / (rec_u8.float() - real_u8.float()).pow(2).mean().item())]
     log(f"ceilings: real {results['real']}, through the VAE {results['vae']}")
-    evals = ["teacher", *distill.ARCHS, *("ablation-" + n.replace(" ", "").replace("+", "-").strip("-")
-                                          for n in ABLATION)]
+    evals = ["teacher", *distill.ARCHS, *map(ablation_slug, ABLATION)]
     for name in evals:  # every model draws the same captions from the same seeds; two seeds give a spread
         if name not in results:
             t0, pipe = time.time(), convert_weights.load_pipeline(o / name)
@@ -609,10 +618,10 @@ def write_results(o, val, results, times, plan):
     names = {"teacher": "teacher (SD v1 topology)", "base": "BK-SDM-Base", "small": "BK-SDM-Small",
              "tiny": "BK-SDM-Tiny"}
     samples = {n: load_file(o / f"samples-{n}.safetensors")["images"] for n in names}
-    real = ((images(val[:8], plan.seed + 1) + 1) * 127.5).round().to(torch.uint8)
+    real = to_uint8(images(val[:8], plan.seed + 1))
     grid({"real": real, **samples}, {"real": "real image", "teacher": "teacher", "base": "base", "small": "small",
                                      "tiny": "tiny"}, o / "results" / "toy-students.png", scale=2)
-    abl = {n: f"ablation-{n.replace(' ', '').replace('+', '-').strip('-')}" for n in ABLATION}
+    abl = {n: ablation_slug(n) for n in ABLATION}
     grid({n: load_file(o / f"samples-{slug}.safetensors")["images"] for n, slug in abl.items()} |
          {"+ feature KD": samples["base"]}, {}, o / "results" / "toy-ablation.png", scale=2)
     curves = {}
