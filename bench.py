@@ -4,6 +4,7 @@ Results go in BENCHMARKS.md. Needs the dev requirements (diffusers is the refere
 
   python bench.py                         # one U-Net step, sd-v1, fp32, CPU, batch 2, 64x64 latent, 2 threads
   python bench.py --preset bk-small --reps 5 --device cuda --dtype float16
+  python bench.py --preset bk-tiny --device cuda --dtype float16 --compile reduce-overhead  # both compiled alike
   python bench.py --qkv                   # separate vs fused q/k/v projections at SD v1's attention shapes
   python bench.py --load                  # load a saved diffusers folder (random sd-v1 weights): time, peak RSS
   python bench.py --txt2img --preset bk-small --size 256 --steps 10   # whole text-to-image run, per stage
@@ -74,6 +75,13 @@ def bench_unet(args):
     x, t, ctx = step_inputs(cfg, args)
     times = {name: [] for name in models}
     with torch.inference_mode():
+        if args.compile:  # both libraries compiled alike; the first call compiles, timed apart
+            models = {name: torch.compile(m, mode=args.compile) for name, m in models.items()}
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                call(name, m, x, t, ctx)
+                sync(args)
+                print(f"  {name:10s} torch.compile(mode={args.compile!r}): first call {time.perf_counter() - t0:.1f} s")
         outs = {name: call(name, m, x, t, ctx) for name, m in models.items()}  # warm-up, and a parity check
         err = ((outs["minisd"] - outs["diffusers"]).abs().max() / outs["diffusers"].abs().max()).item()
         for _ in range(args.reps):  # interleaved, so drift in machine speed hits both alike
@@ -84,12 +92,12 @@ def bench_unet(args):
                 sync(args)
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"U-Net step, {args.preset}, {args.dtype}, {args.device}, batch {args.batch}, {args.latent}x{args.latent} "
+    print(f"U-Net step, {args.preset}, {args.dtype}, {args.device}{', compiled' if args.compile else ''}, batch {args.batch}, {args.latent}x{args.latent} "
           f"latent, {torch.get_num_threads()} threads, median of {args.reps} (max relative difference {err:.1e})")
     for name, v in times.items():
         print(f"  {name:10s} {med[name]:8.3f} s   (runs: {', '.join(f'{s:.3f}' for s in v)})")
     print(f"  speed-up of minisd over diffusers: {med['diffusers'] / med['minisd']:.3f}x")
-    if args.device == "cpu":  # peak memory: each in a fresh process, since RSS never shrinks
+    if args.device == "cpu" and not args.compile:  # peak memory: each in a fresh process, since RSS never shrinks
         peak = {}
         for name in models:
             cmd = [sys.executable, __file__, "--peak-rss", name] + [f"--{k}={v}" for k, v in (
@@ -450,6 +458,8 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (the CI machine has 2 cores)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--compile", help="U-Net step: torch.compile both models with this mode (e.g. default, "
+                                      "max-autotune, reduce-overhead)")
     ap.add_argument("--qkv", action="store_true", help="benchmark fused vs separate q/k/v projections")
     ap.add_argument("--load", action="store_true", help="benchmark loading a saved pipeline")
     ap.add_argument("--txt2img", action="store_true", help="benchmark a whole text-to-image run")

@@ -2789,6 +2789,23 @@ class TestToy:
         assert rel_err(cut, student) < 1e-5 and rel_err(cut_small, small) < 1e-5
         assert rel_err(cut, full) > 1e-2 and rel_err(no_mid, full) > 1e-3
 
+    def test_the_committed_teacher_draws_what_it_is_told_offline(self, tmp_path):
+        """README's offline example, `--weights toy` (the fp16 teacher in the repository, the CLI's defaults): the
+        cell the caption names has the object's colour, and an empty cell the background's."""
+        for caption, cell, colour, empty, background in [
+                ("a big blue box in the bottom right on a gray background", "bottom right", "blue", "top left", "gray"),
+                ("a large white box in the center on a purple background", "center", "white", "bottom right", "purple")]:
+            r = run_cli("sampler.py", caption, "--weights", "toy", "--seed", "0", "--out", str(tmp_path / "a.png"))
+            assert r.returncode == 0, r.stderr[-2000:]
+            im = np.asarray(Image.open(tmp_path / "a.png"), dtype=np.float32)
+            assert im.shape == (64, 64, 3)
+
+            def mean_of(c):  # the middle 13x13 pixels of a cell of the 3x3 grid (cells are 21.3 px)
+                row, col = divmod(toy.CELLS.index(c), 3)
+                return im[row * 21 + 4:row * 21 + 17, col * 21 + 4:col * 21 + 17].mean((0, 1))
+            assert np.abs(mean_of(cell) - toy.COLOURS[colour]).max() < 60, (caption, mean_of(cell))
+            assert np.abs(mean_of(empty) - toy.BACKGROUNDS[background]).max() < 40, (caption, mean_of(empty))
+
     def test_quick_reproduction_runs_every_stage_and_resumes(self, tmp_path):
         out = tmp_path / "toy"
         r = run_cli("toy.py", "reproduce", "--quick", "--out", str(out), timeout=600)

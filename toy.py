@@ -9,7 +9,7 @@ CLIP score" (the share of images whose drawn attributes match their caption) and
 distance on the classifier's penultimate features). Then the paper's tables, in miniature: the architectures,
 the KD ablation, and block importance (remove blocks of the teacher without retraining).
 
-    python toy.py reproduce --out runs/toy          # everything (about an hour on 2 cores); resumes where stopped
+    python toy.py reproduce --out runs/toy          # everything (about 100 min on 2 cores); resumes where stopped
     python toy.py reproduce --quick --out /tmp/toy  # every stage in miniature (CI: checks that it runs, not quality)
 
 References
@@ -347,8 +347,8 @@ class Plan:
     n_blocks: int = 128         # images per block-removal variant
     vae_steps: int = 1500
     cls_steps: int = 1500
-    teacher_steps: int = 3500
-    student_steps: int = 400
+    teacher_steps: int = 10000
+    student_steps: int = 500
     gen_steps: int = 25         # PNDM steps per image, the paper's
     batch: int = 32
     teacher_lr: float = 5e-4
@@ -371,20 +371,28 @@ def ablation_slug(name):
     return "ablation-" + name.replace(" ", "").replace("+", "-").strip("-")
 
 
-class Run:
-    """The output folder, with stage(): a stage runs once; its time is kept in times.json."""
+def machine(device):
+    """Where a stage ran, for the time table: the GPU's name, or the CPU and its threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
 
-    def __init__(self, out, plan):
-        self.out, self.plan = Path(out), plan
+
+class Run:
+    """The output folder, with stage(): a stage runs once; its seconds and machine are kept in times.json."""
+
+    def __init__(self, out, plan, device):
+        self.out, self.plan, self.device = Path(out), plan, torch.device(device)
         self.out.mkdir(parents=True, exist_ok=True)
         self.times = json.loads((self.out / "times.json").read_text()) if (self.out / "times.json").exists() else {}
 
-    def stage(self, name, done, work):
+    def stage(self, name, done, work, on=None):
         if not done.exists():
             log(f"stage {name}")
             t0 = time.time()
             work()
-            self.times[name] = self.times.get(name, 0) + time.time() - t0  # a resumed stage adds up its parts
+            seconds = self.times.get(name, {}).get("s", 0) + time.time() - t0  # a resumed stage adds up its parts
+            self.times[name] = dict(s=seconds, on=machine(torch.device(on) if on else self.device))
             write_json(self.out / "times.json", self.times)
 
 
@@ -405,32 +413,37 @@ def distill_run(run, name, teacher, steps, lr, *flags):
             str(SIZE), "--cache-latents", "--no-flip", "--batch", str(run.plan.batch), "--grad-accum", "1",
             "--max-steps", str(steps), "--save-every", str(max(steps // 5, 1)), "--val-every", "0", "--lr", str(lr),
             "--gradient-checkpointing", "off", "--precision", "fp32", "--seed", str(run.plan.seed), *flags]
+    argv += ["--device", "cpu"] if run.device.type == "cpu" else []
     if any(folder.glob("checkpoint-*.safetensors")):
         argv += ["--resume", str(folder)]
     distill.main(argv)
+    if not (folder / "final").exists():  # distill.py saved a checkpoint and returned on a signal
+        raise SystemExit(f"toy.py: the {name} run stopped before its last step; the same command resumes it")
     shutil.rmtree(run.out / name, ignore_errors=True)
     os.replace(folder / "final", run.out / name)
 
 
-def reproduce(out, plan):
-    run, o = Run(out, plan), Path(out)
+def reproduce(out, plan, device="cpu"):
+    """Every stage, skipping those whose outputs exist. Training (distill.py) and generation run on `device`; the
+    VAE, the classifier and the scores on the CPU; RESULTS.md's latencies are measured on the CPU."""
+    run, o = Run(out, plan, device), Path(out)
     torch.manual_seed(plan.seed)
     train = [make_scene(plan.seed, i) for i in range(plan.train)]
     val = [make_scene(plan.seed + 1, i) for i in range(plan.val)]
     # the world and its judges
-    run.stage("data", o / "data" / "metadata.csv", lambda: write_data(o / "data", plan.train, plan.seed))
+    run.stage("data", o / "data" / "metadata.csv", lambda: write_data(o / "data", plan.train, plan.seed), "cpu")
     run.stage("vae", o / "vae.safetensors", lambda: save_model(
-        train_vae(train, plan.seed, plan.vae_steps, 16, 1e-3), o / "vae.safetensors"))
+        train_vae(train, plan.seed, plan.vae_steps, 16, 1e-3), o / "vae.safetensors"), "cpu")
     run.stage("classifier", o / "classifier.safetensors", lambda: save_model(
         train_classifier(train, plan.seed, plan.cls_steps, 64, 1e-3, load_vae(o / "vae.safetensors")),
-        o / "classifier.safetensors"))
+        o / "classifier.safetensors"), "cpu")
     net = AttributeNet()
     net.load_state_dict(load_file(o / "classifier.safetensors"))
     net.eval()
     real_u8 = to_uint8(images(val, plan.seed + 1))
     real_stats = fid.compute_stats(list(real_u8), extractor=lambda b: net.features(uint8_to_model(b)), progress=False)
     # the teacher: SD v1's topology at toy width, trained from random weights with the plain diffusion loss
-    run.stage("init", o / "init" / "model_index.json", lambda: write_init(o, train, plan.seed))
+    run.stage("init", o / "init" / "model_index.json", lambda: write_init(o, train, plan.seed), "cpu")
     run.stage("teacher", o / "teacher" / "model_index.json", lambda: distill_run(
         run, "teacher", o / "init", plan.teacher_steps, plan.teacher_lr, "--student-config",
         str(o / "init" / "unet" / "config.json"), "--init", "random", "--lambdas", "1", "0", "0",
@@ -460,15 +473,17 @@ def reproduce(out, plan):
     evals = ["teacher", *distill.ARCHS, *map(ablation_slug, ABLATION)]
     for name in evals:  # every model draws the same captions from the same seeds; two seeds give a spread
         if name not in results:
-            t0, pipe = time.time(), convert_weights.load_pipeline(o / name)
+            t0, pipe = time.time(), convert_weights.load_pipeline(o / name, device=device)
             runs = [scores(net, generate(pipe, val[:plan.n_eval], seed, plan.gen_steps), val[:plan.n_eval], real_stats)
                     for seed in SEEDS]
-            results[name] = {k: [r[k] for r in runs] for k in runs[0]} | dict(seconds=time.time() - t0)
+            results[name] = {k: [r[k] for r in runs] for k in runs[0]} | dict(seconds=time.time() - t0,
+                                                                                on=machine(run.device))
             save_file({"images": generate(pipe, val[:8], plan.seed, plan.gen_steps)},
                       str(o / f"samples-{name}.safetensors"))
             write_json(o / "scores.json", results)
             log(f"{name}: {results[name]}")
-    run.stage("blocks", o / "blocks.json", lambda: block_importance(o, val[:plan.n_blocks], net, real_stats, plan))
+    run.stage("blocks", o / "blocks.json", lambda: block_importance(o, val[:plan.n_blocks], net, real_stats, plan,
+                                                                    device))
     write_results(o, val, results, run.times, plan)
 
 
@@ -505,13 +520,13 @@ def write_init(o, train, seed):
 def output_change(pipe, pairs, scenes, seed, arch=None):
     """Relative squared change of the teacher's eps on noised real latents when `pairs` are removed (or against
     the student init of `arch`): |eps' - eps|^2 / |eps|^2, over one fixed batch."""
-    g = torch.Generator().manual_seed(seed)
-    z = pipe.vae.encode(images(scenes, seed + 1)).sample(g) * pipe.vae_cfg.scaling_factor
+    g, dev = torch.Generator().manual_seed(seed), next(pipe.unet.parameters()).device
+    z = pipe.vae.encode(images(scenes, seed + 1).to(dev)).sample(g) * pipe.vae_cfg.scaling_factor
     ab = sampler.alphas_cumprod(sampler.SamplerConfig.from_diffusers(pipe.scheduler_config))
     t = torch.randint(0, 1000, (len(z),), generator=g)
-    a = ab[t][:, None, None, None]
-    x_t = a.sqrt() * z + (1 - a).sqrt() * torch.randn(z.shape, generator=g)
-    ctx = pipe.text_encoder(pipe.tokenizer([s.caption for s in scenes]))
+    a = ab[t][:, None, None, None].to(dev)
+    x_t = a.sqrt() * z + (1 - a).sqrt() * torch.randn(z.shape, generator=g).to(dev)
+    t, ctx = t.to(dev), pipe.text_encoder(pipe.tokenizer([s.caption for s in scenes]).to(dev))
     eps = pipe.unet(x_t, t, ctx)
     if arch:
         eps2 = distill.build_student(pipe.unet, arch).eval()(x_t, t, ctx)
@@ -521,10 +536,10 @@ def output_change(pipe, pairs, scenes, seed, arch=None):
     return ((eps2 - eps).pow(2).sum() / eps.pow(2).sum()).item()
 
 
-def block_importance(o, scenes, net, real_stats, plan):
+def block_importance(o, scenes, net, real_stats, plan, device="cpu"):
     """Each removable pair alone; then sets of pairs: BK-SDM base's (the 2nd down pair and the middle up pair of
     every stage), the same number of the least important single pairs, and the students' real initialisations."""
-    pipe = convert_weights.load_pipeline(o / "teacher")
+    pipe = convert_weights.load_pipeline(o / "teacher", device=device)
     rows = {}
 
     def score(name, pairs=(), arch=None):
@@ -674,9 +689,9 @@ def write_results(o, val, results, times, plan):
         L.append(f"| {n} | {r['change']:.4f} | {r['fid']:.2f} | {r['accuracy']:.3f} |")
     L += ["", "Pairs are named by stage and position: down0 is the outermost down stage, up0 the innermost up stage.",
           "", "## What the numbers say, against the paper's claims", ""] + verdicts(results, blocks, abl)
-    L += ["", "## Time per stage (seconds, this machine)", "", "| stage | s |", "|---|---:|"]
-    L += [f"| {k} | {v:.0f} |" for k, v in times.items()]
-    L += [f"| evaluation of {n} | {results[n]['seconds']:.0f} |" for n in results if "seconds" in results[n]]
+    L += ["", "## Time per stage", "", "| stage | s | ran on |", "|---|---:|---|"]
+    L += [f"| {k} | {v['s']:.0f} | {v['on']} |" for k, v in times.items()]
+    L += [f"| evaluation of {n} | {r['seconds']:.0f} | {r['on']} |" for n, r in results.items() if "seconds" in r]
     (o / "RESULTS.tmp").write_text("\n".join(L) + "\n")
     os.replace(o / "RESULTS.tmp", o / "RESULTS.md")
     log(f"wrote {o / 'RESULTS.md'}")
@@ -741,7 +756,10 @@ def main(argv=None):
     ap.add_argument("--to", default=str(Path(__file__).parent), help="where publish writes (the repository)")
     ap.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is robust on a busy machine, "
                                                 "where toy-sized ops on 2 threads wait at every barrier")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="where distill.py trains and the models draw (auto: a GPU if there is one)")
     args = ap.parse_args(argv)
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads or args.quick:  # the quick run's toy-sized ops gain nothing from threads but barrier waits
         torch.set_num_threads(args.threads or 1)
     plan = QUICK if args.quick else Plan()
@@ -751,7 +769,7 @@ def main(argv=None):
     if args.command == "publish":
         publish(Path(args.out), args.to)
     else:
-        reproduce(args.out, plan)
+        reproduce(args.out, plan, device)
 
 
 if __name__ == "__main__":
