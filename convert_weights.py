@@ -556,7 +556,7 @@ class Pipeline:
 
     def to(self, device, dtype):
         for m in (self.unet, self.text_encoder, self.vae):
-            m.to(device, dtype)
+            unet_mod.fast_layout(m.to(device, dtype))
         return self
 
 
@@ -571,7 +571,7 @@ def build(component, cfg, sd, dtype, device, path=""):
         v = sd.pop(k)
         tensors[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
     model.load_state_dict(tensors, strict=True, assign=True)  # our models have no buffers outside the state dict
-    return model.eval()
+    return unet_mod.fast_layout(model.eval())
 
 
 def find_tokenizer(path, width, tokenizer=None):

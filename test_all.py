@@ -361,6 +361,19 @@ class TestUNet:
                 out = copy.deepcopy(m).to(dtype)(x.to(dtype), 10, ctx.to(dtype))  # a copy: casting back would
                 assert out.dtype == dtype and rel_err(out.float(), ref) < tol      # leave rounded weights
 
+    def test_bf16_on_a_cpu_runs_channels_last_and_tracks_fp32(self):
+        # fast_layout: bf16 on a CPU runs NHWC (weights as a loader lays them, and the input); fp32 stays as it is
+        torch.manual_seed(0)
+        m = UNet(PRESETS["tiny-test"]).eval()
+        x, ctx = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 32)
+        assert unet.fast_layout(m).conv_in.weight.is_contiguous() and unet.fast_layout(x) is x
+        half = unet.fast_layout(copy.deepcopy(m).to(torch.bfloat16))
+        assert half.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        assert unet.fast_layout(x.bfloat16()).is_contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            ref, out = m(x, 10, ctx), half(x.bfloat16(), 10, ctx.bfloat16())
+        assert out.is_contiguous() and rel_err(out.float(), ref) < 3e-2  # the bf16 bound above
+
     def test_gradient_checkpointing_gives_the_same_gradients(self):
         torch.manual_seed(0)
         m = UNet(PRESETS["tiny-test"]).train()

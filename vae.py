@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from unet import attention, randn  # the project's one attention function and noise helper (STYLE.md)
+from unet import attention, fast_layout, randn  # the project's one attention function and noise helper (STYLE.md)
 
 # -----------------------------------------------------------------------------
 # Config
@@ -232,7 +232,7 @@ class AutoencoderKL(nn.Module):
             raise ValueError(f"latent must be (B, {self.cfg.latent_channels}, h, w), got {tuple(z.shape)}")
         if tile_size is not None and max(z.shape[2:]) > tile_size:
             return self.decode_tiled(z, tile_size, overlap)
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(fast_layout(z))).contiguous()
 
     def decode_tiled(self, z, tile_size=64, overlap=None):
         """Decode overlapping latent tiles one at a time: activation memory is one tile's (default 64 = 512 px,
