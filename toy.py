@@ -648,7 +648,8 @@ def write_results(o, val, results, times, plan):
     fmt = lambda r, k, f: mean_spread(r[k], f)  # noqa: E731
     L = ["# RESULTS: the paper in miniature", "",
          "Written by `python toy.py reproduce` (toy.py's docstring says what the world is and why). Every model below "
-         "was trained on this machine by this project's code; the numbers are what this run measured.", "",
+         "was trained by this project's code, on the machines that the time table at the end names; the numbers are "
+         "what this run measured.", "",
          f"Plan: {asdict(plan)}. Generation: 25 PNDM steps, guidance 7.5, {plan.n_eval} validation captions per "
          f"seed, seeds {list(SEEDS)} (values are mean ± half the range over the seeds). Toy accuracy: the share of "
          "images whose attributes, as the classifier reads them, match their caption; toy FID: fid.py's Frechet "
