@@ -8,6 +8,7 @@ Results go in BENCHMARKS.md. Needs the dev requirements (diffusers is the refere
   python bench.py --qkv                   # separate vs fused q/k/v projections at SD v1's attention shapes
   python bench.py --load                  # load a saved diffusers folder (random sd-v1 weights): time, peak RSS
   python bench.py --txt2img --preset bk-small --size 256 --steps 10   # whole text-to-image run, per stage
+  python bench.py --whole --preset bk-tiny --size 512 --steps 25 --reps 2  # the user's image: whole processes
   python bench.py --distill [--ckpt]      # one BK-SDM KD training step (bk-base from sd-v1), vs the official way
   python bench.py --distill --device cuda --latent 64 --batch 64 --dtype bfloat16 --ckpt   # the paper's setting
   python bench.py --fid [--score 1000 --gen 20]   # Inception images/s batched vs image by image; scoring; COCO run
@@ -208,6 +209,54 @@ def bench_load(args):
     print(f"  speed-up of minisd over diffusers: {med['diffusers'][0] / med['minisd'][0]:.2f}x; minisd / reading "
           f"the files: {med['minisd'][0] / med['read'][0]:.2f}x; peak RSS minisd / weights in {args.dtype}: "
           f"{med['minisd'][1] / (size * (1 if args.dtype == 'float32' else 0.5)):.2f}")
+
+
+def whole_child(which, folder, args):
+    """One user's image in this fresh process (the parent times it, imports and loading included); prints the peak
+    RSS in GB. minisd: sampler.py's command line with its defaults (bf16 on a CPU that has it). diffusers: its
+    pipeline with its defaults (fp32), or tuned as its documentation advises (bf16, U-Net and VAE channels-last)."""
+    prompt, out = "a photograph of an astronaut riding a horse", str(Path(folder) / f"{which}.png")
+    try:
+        if which == "minisd":
+            import runpy
+            sys.argv = ["sampler.py", prompt, "--weights", folder, "--seed", "0", "--steps", str(args.steps),
+                        "--height", str(args.size), "--width", str(args.size), "--out", out]
+            runpy.run_path(str(Path(__file__).parent / "sampler.py"), run_name="__main__")
+        else:
+            from diffusers import StableDiffusionPipeline
+            tuned = which == "diffusers-tuned"
+            pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16 if tuned else None,
+                                                           local_files_only=True)
+            if tuned:
+                pipe.unet.to(memory_format=torch.channels_last)
+                pipe.vae.to(memory_format=torch.channels_last)
+            pipe.set_progress_bar_config(disable=True)
+            pipe(prompt, num_inference_steps=args.steps, height=args.size, width=args.size,
+                 generator=torch.Generator().manual_seed(0)).images[0].save(out)
+    finally:
+        print(peak_gb())
+
+
+def bench_whole(args):
+    """The user's whole image (issue 12, goal 1): whole processes, one after the other, alternating, on one random
+    pipeline folder; wall seconds (imports and loading included) and peak RSS."""
+    runs = {k: [] for k in ("minisd", "diffusers", "diffusers-tuned")}
+    with tempfile.TemporaryDirectory() as folder:
+        save_random_pipeline(args.preset, folder)
+        for _ in range(args.reps):
+            for which in runs:
+                t0 = time.perf_counter()
+                r = subprocess.run([sys.executable, __file__, "--whole-child", which, folder, f"--size={args.size}",
+                                    f"--steps={args.steps}", f"--threads={args.threads}"],
+                                   capture_output=True, text=True, check=True)
+                runs[which].append((time.perf_counter() - t0, float(r.stdout.split()[-1])))
+    print(f"whole image, {args.preset}, {args.size}x{args.size}, {args.steps} PNDM steps, each library's defaults "
+          f"(and diffusers tuned), {args.threads} threads, {args.reps} rounds")
+    for k, v in runs.items():
+        print(f"  {k:16s} " + ", ".join(f"{s:.1f} s ({gb:.2f} GB)" for s, gb in v))
+    med = {k: statistics.median(s for s, _ in v) for k, v in runs.items()}
+    print(f"  minisd / diffusers: {med['minisd'] / med['diffusers']:.3f}; minisd / diffusers tuned: "
+          f"{med['minisd'] / med['diffusers-tuned']:.3f}")
 
 
 def bench_txt2img(args):
@@ -463,6 +512,9 @@ if __name__ == "__main__":
     ap.add_argument("--qkv", action="store_true", help="benchmark fused vs separate q/k/v projections")
     ap.add_argument("--load", action="store_true", help="benchmark loading a saved pipeline")
     ap.add_argument("--txt2img", action="store_true", help="benchmark a whole text-to-image run")
+    ap.add_argument("--whole", action="store_true", help="the user's whole image: whole processes, each library's "
+                                                         "defaults (and diffusers tuned)")
+    ap.add_argument("--whole-child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, default=256, help="--txt2img: image side in pixels")
     ap.add_argument("--steps", type=int, default=10, help="--txt2img: sampling steps")
     ap.add_argument("--distill", action="store_true", help="benchmark one KD training step (see distill.py)")
@@ -496,6 +548,10 @@ if __name__ == "__main__":
         load_once(*args.load_once, args.dtype)
     elif args.load:
         bench_load(args)
+    elif args.whole_child:
+        whole_child(*args.whole_child, args)
+    elif args.whole:
+        bench_whole(args)
     elif args.txt2img:
         bench_txt2img(args)
     elif args.qkv:
