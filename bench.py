@@ -93,8 +93,9 @@ def bench_unet(args):
                 sync(args)
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"U-Net step, {args.preset}, {args.dtype}, {args.device}{', compiled' if args.compile else ''}, batch {args.batch}, {args.latent}x{args.latent} "
-          f"latent, {torch.get_num_threads()} threads, median of {args.reps} (max relative difference {err:.1e})")
+    print(f"U-Net step, {args.preset}, {args.dtype}, {args.device}{', compiled' if args.compile else ''}, "
+          f"batch {args.batch}, {args.latent}x{args.latent} latent, {torch.get_num_threads()} threads, "
+          f"median of {args.reps} (max relative difference {err:.1e})")
     for name, v in times.items():
         print(f"  {name:10s} {med[name]:8.3f} s   (runs: {', '.join(f'{s:.3f}' for s in v)})")
     print(f"  speed-up of minisd over diffusers: {med['diffusers'] / med['minisd']:.3f}x")

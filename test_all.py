@@ -2805,9 +2805,10 @@ class TestToy:
     def test_the_committed_teacher_draws_what_it_is_told_offline(self, tmp_path):
         """README's offline example, `--weights toy` (the fp16 teacher in the repository, the CLI's defaults): the
         cell the caption names has the object's colour, and an empty cell the background's."""
-        for caption, cell, colour, empty, background in [
-                ("a big blue box in the bottom right on a gray background", "bottom right", "blue", "top left", "gray"),
-                ("a large white box in the center on a purple background", "center", "white", "bottom right", "purple")]:
+        cases = [("a big blue box in the bottom right on a gray background", "bottom right", "blue", "top left", "gray"),
+                 ("a large white box in the center on a purple background", "center", "white", "bottom right",
+                  "purple")]
+        for caption, cell, colour, empty, background in cases:
             r = run_cli("sampler.py", caption, "--weights", "toy", "--seed", "0", "--out", str(tmp_path / "a.png"))
             assert r.returncode == 0, r.stderr[-2000:]
             im = np.asarray(Image.open(tmp_path / "a.png"), dtype=np.float32)

@@ -85,9 +85,9 @@ def randn(shape, generator, device, dtype):
 
 def fast_layout(t):
     """A tensor, or a model's weights, in the memory layout that is fastest where it lives: channels-last (NHWC) for
-    bf16 on a CPU, where oneDNN's convolutions run NHWC (measured: bk-tiny U-Net step 0.84x, VAE decode of a 512 px
-    image 0.46x of contiguous; BENCHMARKS.md). Anything else is left as it is: fp32 measured neutral, and it keeps
-    fp32 bit for bit equal to diffusers. The models call it on their input; loaders call it on the models."""
+    bf16 on a CPU, where oneDNN's convolutions run NHWC (figures: BENCHMARKS.md, "Channels-last on the CPU").
+    Anything else is left as it is: fp32 gains nothing from it there, and stays bit for bit equal to diffusers.
+    The models call it on their input; loaders call it on the models."""
     p = t if isinstance(t, torch.Tensor) else next(t.parameters())
     fast = p.device.type == "cpu" and p.dtype == torch.bfloat16
     return t.to(memory_format=torch.channels_last) if fast else t
@@ -441,7 +441,7 @@ class UNet(nn.Module):
                                   self.cfg.flip_sin_to_cos, self.cfg.freq_shift).to(x.dtype)
         temb = self.time_embedding(temb)
         x = fast_layout(x)
-        if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 and \
+        if x.is_contiguous(memory_format=torch.channels_last) and \
                 not self.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
             fast_layout(self)  # once: a model built and cast by hand gets the loaders' NHWC weights too
         h = self.conv_in(x)
