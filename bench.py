@@ -5,6 +5,8 @@ Results go in BENCHMARKS.md. Needs the dev requirements (diffusers is the refere
   python bench.py                         # one U-Net step, sd-v1, fp32, CPU, batch 2, 64x64 latent, 2 threads
   python bench.py --preset bk-small --reps 5 --device cuda --dtype float16
   python bench.py --preset bk-tiny --device cuda --dtype float16 --compile reduce-overhead  # both compiled alike
+  python bench.py --preset bk-tiny --device cuda --dtype float16 --cuda-graph   # both replayed as CUDA graphs
+  python bench.py --attention --dtype bfloat16   # our attention kernels (tiled, fused) vs SDPA at SD v1's shapes
   python bench.py --qkv                   # separate vs fused q/k/v projections at SD v1's attention shapes
   python bench.py --load                  # load a saved diffusers folder (random sd-v1 weights): time, peak RSS
   python bench.py --txt2img --preset bk-small --size 256 --steps 10   # whole text-to-image run, per stage
@@ -12,6 +14,7 @@ Results go in BENCHMARKS.md. Needs the dev requirements (diffusers is the refere
   python bench.py --distill [--ckpt]      # one BK-SDM KD training step (bk-base from sd-v1), vs the official way
   python bench.py --distill --device cuda --latent 64 --batch 64 --dtype bfloat16 --ckpt   # the paper's setting
   python bench.py --fid [--score 1000 --gen 20]   # Inception images/s batched vs image by image; scoring; COCO run
+Any mode also writes its measurements as JSON with --json FILE.
 """
 import argparse
 import json
@@ -21,6 +24,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -83,22 +87,29 @@ def bench_unet(args):
                 call(name, m, x, t, ctx)
                 sync(args)
                 print(f"  {name:10s} torch.compile(mode={args.compile!r}): first call {time.perf_counter() - t0:.1f} s")
-        outs = {name: call(name, m, x, t, ctx) for name, m in models.items()}  # warm-up, and a parity check
+        steps = {name: partial(call, name, m) for name, m in models.items()}
+        if args.cuda_graph:  # both libraries replayed as CUDA graphs alike (sampler.CUDAGraph)
+            from sampler import CUDAGraph
+            steps = {name: CUDAGraph(f) for name, f in steps.items()}
+        # warm-up, and a parity check (a clone: reduce-overhead's CUDA graphs share one memory pool)
+        outs = {name: f(x, t, ctx).clone() for name, f in steps.items()}
         err = ((outs["minisd"] - outs["diffusers"]).abs().max() / outs["diffusers"].abs().max()).item()
         for _ in range(args.reps):  # interleaved, so drift in machine speed hits both alike
-            for name, m in models.items():
+            for name, f in steps.items():
                 sync(args)
                 t0 = time.perf_counter()
-                call(name, m, x, t, ctx)
+                f(x, t, ctx)
                 sync(args)
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"U-Net step, {args.preset}, {args.dtype}, {args.device}{', compiled' if args.compile else ''}, "
+    how = (", compiled" if args.compile else "") + (", CUDA graphs" if args.cuda_graph else "")
+    print(f"U-Net step, {args.preset}, {args.dtype}, {args.device}{how}, "
           f"batch {args.batch}, {args.latent}x{args.latent} latent, {torch.get_num_threads()} threads, "
           f"median of {args.reps} (max relative difference {err:.1e})")
     for name, v in times.items():
-        print(f"  {name:10s} {med[name]:8.3f} s   (runs: {', '.join(f'{s:.3f}' for s in v)})")
+        print(f"  {name:10s} {med[name]:8.4f} s   (runs: {', '.join(f'{s:.4f}' for s in v)})")
     print(f"  speed-up of minisd over diffusers: {med['diffusers'] / med['minisd']:.3f}x")
+    result = dict(seconds=times, median=med, ratio=med["minisd"] / med["diffusers"], max_rel_diff=err)
     if args.device == "cpu" and not args.compile:  # peak memory: each in a fresh process, since RSS never shrinks
         peak = {}
         for name in models:
@@ -107,6 +118,8 @@ def bench_unet(args):
             peak[name] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
             print(f"  {name:10s} peak RSS, build + 1 step: {peak[name]:.2f} GB")
         print(f"  peak memory minisd / diffusers: {peak['minisd'] / peak['diffusers']:.3f}")
+        result["peak_rss_gb"] = peak
+    return result
 
 
 def peak_gb():
@@ -157,6 +170,40 @@ def bench_qkv(args):
             s, f = (statistics.median(times[k][1:]) * 1e3 for k in ("separate", "fused"))
             print(f"  C={C:4d} tokens={L:4d} {'cross' if cross else 'self '}: separate {s:8.2f} ms, "
                   f"fused {f:8.2f} ms, fused speed-up {s / f:.3f}x")
+
+
+def bench_attention(args):
+    """Issue 12, goal 6: our attention kernels against torch's SDPA at SD v1's shapes (512 px, batch 2, 8 heads):
+    the tiled loop as it reads (eager) and compiled into fused kernels (impl "fused"), exactness against float64."""
+    print(f"attention core, batch {args.batch} x 8 heads, {args.dtype}, {args.device}, "
+          f"{torch.get_num_threads()} threads, median of {args.reps}; fused compiled per shape first (timed apart)")
+    rows, dtype = [], DTYPES[args.dtype]
+    for L, C in [(4096, 320), (1024, 640), (256, 1280), (64, 1280)]:
+        for Lk in (L, 77):  # self-attention, then cross-attention to the 77 text tokens
+            g = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(args.batch, n, C, generator=g).to(args.device, dtype) for n in (L, Lk, Lk))
+            ref = attention(q.double(), k.double(), v.double(), 8)
+            times, err = {}, {}
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                attention(q, k, v, 8, "fused")
+                sync(args)
+                compile_s = time.perf_counter() - t0
+                for _ in range(args.reps + 1):  # interleaved; the first round is a warm-up
+                    for impl in ("sdpa", "tiled", "fused"):
+                        sync(args)
+                        t0 = time.perf_counter()
+                        o = attention(q, k, v, 8, impl)
+                        sync(args)
+                        times.setdefault(impl, []).append(time.perf_counter() - t0)
+                        err[impl] = ((o.double() - ref).abs().max() / ref.abs().max()).item()
+            med = {impl: statistics.median(ts[1:]) * 1e3 for impl, ts in times.items()}
+            rows.append(dict(tokens=L, keys=Lk, channels=C, ms=med, max_rel_err=err, compile_s=compile_s))
+            ratio = {impl: med[impl] / med["sdpa"] for impl in med}
+            print(f"  {L:4d} x {Lk:4d} tokens, d={C // 8:3d}: sdpa {med['sdpa']:8.2f} ms, tiled {med['tiled']:8.2f} ms "
+                  f"({ratio['tiled']:.2f}x), fused {med['fused']:8.2f} ms ({ratio['fused']:.2f}x); errors "
+                  f"{err['sdpa']:.0e} / {err['tiled']:.0e} / {err['fused']:.0e}; compile {compile_s:.0f} s")
+    return rows
 
 
 def save_random_pipeline(preset, folder):
@@ -258,6 +305,8 @@ def bench_whole(args):
     med = {k: statistics.median(s for s, _ in v) for k, v in runs.items()}
     print(f"  minisd / diffusers: {med['minisd'] / med['diffusers']:.3f}; minisd / diffusers tuned: "
           f"{med['minisd'] / med['diffusers-tuned']:.3f}")
+    return dict(runs={k: [dict(seconds=s, peak_rss_gb=gb) for s, gb in v] for k, v in runs.items()}, median=med,
+                ratio=med["minisd"] / med["diffusers"], ratio_tuned=med["minisd"] / med["diffusers-tuned"])
 
 
 def bench_txt2img(args):
@@ -274,30 +323,36 @@ def bench_txt2img(args):
     ref.set_progress_bar_config(disable=True)
     prompt, f = "a photograph of an astronaut riding a horse", ours.vae_cfg.downsample_factor
     latents = torch.randn(1, 4, args.size // f, args.size // f, generator=torch.Generator().manual_seed(0))
-    times, stages = {"minisd": [], "diffusers": []}, []
+    # on a GPU, ours also without its CUDA graph: then the same kernels as diffusers, launched eagerly
+    times = {k: [] for k in ("minisd", "minisd eager", "diffusers") if args.device == "cuda" or k != "minisd eager"}
+    stages, images = [], {}
     for _ in range(args.reps + 1):  # the first round warms up and is not counted
-        sync(args)
-        t0 = time.perf_counter()
-        r = txt2img(ours, prompt, steps=args.steps, height=args.size, width=args.size, latents=latents,
-                    progress=False)
-        sync(args)
-        times["minisd"].append(time.perf_counter() - t0)
-        stages.append(r.times)
-        t0 = time.perf_counter()
-        img = ref(prompt, num_inference_steps=args.steps, height=args.size, width=args.size,
-                  latents=latents.to(args.device, DTYPES[args.dtype]), output_type="np").images
-        sync(args)
-        times["diffusers"].append(time.perf_counter() - t0)
-    diff = (torch.from_numpy(img * 255).round() - r.images.float()).abs().max().item()
+        for name in times:
+            sync(args)
+            t0 = time.perf_counter()
+            if name == "diffusers":
+                img = ref(prompt, num_inference_steps=args.steps, height=args.size, width=args.size,
+                          latents=latents.to(args.device, DTYPES[args.dtype]), output_type="np").images
+                images[name] = torch.from_numpy(img * 255).round()
+            else:
+                r = txt2img(ours, prompt, steps=args.steps, height=args.size, width=args.size, latents=latents,
+                            progress=False, cuda_graph=name == "minisd")
+                images[name] = r.images.float()
+                if name == "minisd":
+                    stages.append(r.times)
+            sync(args)
+            times[name].append(time.perf_counter() - t0)
+    diffs = {k: (images[k] - images["diffusers"]).abs().max().item() for k in times}
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
     print(f"txt2img, {args.preset}, {args.size}x{args.size}, {args.steps} PNDM steps, guidance 7.5 (batch 2 in the "
           f"U-Net), {args.dtype}, {args.device}, {torch.get_num_threads()} threads, median of {args.reps} "
-          f"(max pixel difference {diff:.0f}/255)")
+          f"(max pixel difference from diffusers: {', '.join(f'{k} {v:.0f}/255' for k, v in diffs.items())})")
     for k, v in times.items():
-        print(f"  {k:10s} {med[k]:8.2f} s   (runs: {', '.join(f'{s:.2f}' for s in v[1:])})")
+        print(f"  {k:12s} {med[k]:8.3f} s   (runs: {', '.join(f'{s:.3f}' for s in v[1:])})")
     print("  minisd stages: " + ", ".join(f"{k} {statistics.median(s[k] for s in stages[1:]):.2f} s"
                                           for k in stages[-1]))
     print(f"  speed-up of minisd over diffusers: {med['diffusers'] / med['minisd']:.3f}x")
+    return dict(seconds=times, median=med, ratio=med["minisd"] / med["diffusers"], max_pixel_diff=diffs)
 
 
 # -----------------------------------------------------------------------------
@@ -510,6 +565,9 @@ if __name__ == "__main__":
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--compile", help="U-Net step: torch.compile both models with this mode (e.g. default, "
                                       "max-autotune, reduce-overhead)")
+    ap.add_argument("--cuda-graph", action="store_true", help="U-Net step: replay both models as CUDA graphs")
+    ap.add_argument("--attention", action="store_true", help="our attention kernels vs SDPA at SD v1's shapes")
+    ap.add_argument("--json", help="also write the measurements to this JSON file")
     ap.add_argument("--qkv", action="store_true", help="benchmark fused vs separate q/k/v projections")
     ap.add_argument("--load", action="store_true", help="benchmark loading a saved pipeline")
     ap.add_argument("--txt2img", action="store_true", help="benchmark a whole text-to-image run")
@@ -537,25 +595,13 @@ if __name__ == "__main__":
     ap.add_argument("--load-once", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.kd_child:
-        one_kd_step(args, args.kd_child)
-    elif args.distill:
-        bench_distill(args)
-    elif args.fid:
-        bench_fid(args)
-    elif args.peak_rss:
-        peak_rss(args)
-    elif args.load_once:
-        load_once(*args.load_once, args.dtype)
-    elif args.load:
-        bench_load(args)
-    elif args.whole_child:
-        whole_child(*args.whole_child, args)
-    elif args.whole:
-        bench_whole(args)
-    elif args.txt2img:
-        bench_txt2img(args)
-    elif args.qkv:
-        bench_qkv(args)
-    else:
-        bench_unet(args)
+    modes = [("kd_child", lambda: one_kd_step(args, args.kd_child)), ("distill", bench_distill), ("fid", bench_fid),
+             ("peak_rss", peak_rss), ("load_once", lambda: load_once(*args.load_once, args.dtype)),
+             ("load", bench_load), ("whole_child", lambda: whole_child(*args.whole_child, args)),
+             ("whole", bench_whole), ("txt2img", bench_txt2img), ("qkv", bench_qkv), ("attention", bench_attention)]
+    name, run = next(((n, f) for n, f in modes if getattr(args, n)), ("unet", bench_unet))
+    result = run() if name in ("kd_child", "load_once", "whole_child") else run(args)
+    if args.json:  # the measurements with what produced them
+        machine = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        Path(args.json).write_text(json.dumps(dict(mode=name, args=vars(args), machine=machine, torch=torch.__version__,
+                                                   result=result), indent=1, default=str))

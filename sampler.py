@@ -385,10 +385,38 @@ def image_tensor(pipe, image):
     return 2.0 * torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None] - 1.0
 
 
+class CUDAGraph:
+    """A U-Net call recorded once as a CUDA graph, then replayed at every step: the GPU runs the network's few
+    hundred kernels back to back, where eager PyTorch spends CPU time launching each one, and at SD's sizes the GPU
+    waits for those launches (BENCHMARKS.md, "CUDA graphs"). The same kernels run, on the same numbers. A graph reads
+    and writes fixed buffers: a call copies x and t in and the output out, and `context` must stay the tensor of
+    the first call (the shapes and the text do not change within one txt2img)."""
+
+    def __init__(self, unet):
+        self.unet, self.graph = unet, None
+
+    def __call__(self, x, t, context):
+        if self.graph is None:  # the first call is the warm-up that capture needs, on a side stream, then records
+            self.x, self.t = x.clone(), torch.as_tensor(t, device=x.device).clone()
+            side = torch.cuda.Stream(x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                eps = self.unet(self.x, self.t, context)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.unet(self.x, self.t, context)
+            return eps
+        self.x.copy_(x)
+        self.t.copy_(torch.as_tensor(t))
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites out; the samplers keep past eps
+
+
 @torch.no_grad()
 def txt2img(pipe, prompt, negative_prompt=None, steps=25, guidance=7.5, height=None, width=None, n=1,
             generator=None, sampler="pndm", latents=None, progress=True, offload_text_encoder=False,
-            init_image=None, strength=1.0):
+            init_image=None, strength=1.0, cuda_graph=True):
     """Text -> images, as diffusers' StableDiffusionPipeline.__call__ computes them. Returns a Result.
 
     prompt: str or list; negative_prompt: None (""), a str for all prompts, or one per prompt; n images per prompt.
@@ -396,7 +424,8 @@ def txt2img(pipe, prompt, negative_prompt=None, steps=25, guidance=7.5, height=N
     built from pipe.scheduler_config, or a sampler instance (e.g. DDIM(eta=1.0)). latents replaces the initial
     noise draw. It runs where the U-Net is, in its dtype (pipe.to(device, dtype) moves a pipeline).
     offload_text_encoder: move CLIP to the CPU once the prompts are encoded (lower peak GPU memory).
-    init_image, strength: img2img's start (see img2img below).
+    init_image, strength: img2img's start (see img2img below). cuda_graph: on a CUDA device, replay the U-Net as
+    one CUDA graph (CUDAGraph above; the same numbers, faster).
     """
     f = pipe.vae_cfg.downsample_factor
     if init_image is None:  # SD v1: 512 x 512
@@ -437,9 +466,10 @@ def txt2img(pipe, prompt, negative_prompt=None, steps=25, guidance=7.5, height=N
     # 3. the reverse process x_T -> x_0: at each timestep the U-Net predicts the noise eps and the sampler steps.
     # Classifier-free guidance (Ho & Salimans, arXiv 2207.12598) runs the unconditional and the conditional half in
     # one U-Net batch: eps = eps_uncond + guidance * (eps_cond - eps_uncond).
+    unet_call = CUDAGraph(pipe.unet) if cuda_graph and device.type == "cuda" else pipe.unet
     with stage(times, "denoise", device):
         for t in tqdm(timesteps, "denoise", disable=not progress):
-            eps = pipe.unet(sampler.scale_model_input(torch.cat([x, x]) if guide else x, t), t, context)
+            eps = unet_call(sampler.scale_model_input(torch.cat([x, x]) if guide else x, t), t, context)
             if guide:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance * (eps_cond - eps_uncond)

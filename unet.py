@@ -15,9 +15,9 @@ so the official diffusers-layout U-Nets (SD v1.4/v1.5 `unet/`, nota-ai/bk-sdm-*)
 This file also holds the project's one attention function, `attention()`, which the VAE reuses.
 """
 import argparse
+import functools
 import math
 from dataclasses import dataclass, replace
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -55,11 +55,20 @@ def tiled_attention(q, k, v, q_chunk=1024, k_chunk=1024):
     return out
 
 
+@functools.cache
+def fused_attention():
+    """tiled_attention compiled by torch.compile: the loop's many small kernels fused into few (C++ on a CPU, Triton
+    on CUDA), compiled once per shape on first use. Query tiles of 256 measured fastest compiled on a CPU; timed
+    against SDPA in BENCHMARKS.md ("Our attention, fused")."""
+    return torch.compile(functools.partial(tiled_attention, q_chunk=256), dynamic=False)
+
+
 def attention(q, k, v, heads, impl="sdpa", upcast=False):
     """Multi-head attention core. q: (B, Lq, D), k and v: (B, Lk, D) -> (B, Lq, D), with D = heads * d.
 
     impl "sdpa": torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on CUDA,
-    a tiled flash kernel on CPU). impl "tiled": our own O(N)-memory kernel above, readable and exact.
+    a tiled flash kernel on CPU). impl "tiled": our own O(N)-memory kernel above, readable and exact; "fused": the
+    same kernel compiled (fused_attention).
     upcast computes in fp32 (SD 2.x-768 needs it in fp16). Neither path builds the N x N matrix on CPU or
     CUDA; where SDPA falls back to its math kernel (other backends, exotic shapes), "tiled" still does not.
     """
@@ -72,8 +81,10 @@ def attention(q, k, v, heads, impl="sdpa", upcast=False):
         o = F.scaled_dot_product_attention(q, k, v)
     elif impl == "tiled":
         o = tiled_attention(q, k, v)
+    elif impl == "fused":
+        o = fused_attention()(q, k, v)
     else:
-        raise ValueError(f"unknown attention impl {impl!r}; use 'sdpa' or 'tiled'")
+        raise ValueError(f"unknown attention impl {impl!r}; use 'sdpa', 'tiled' or 'fused'")
     return o.transpose(1, 2).reshape(B, Lq, D).to(dtype)
 
 def randn(shape, generator, device, dtype):
@@ -119,7 +130,7 @@ class UNetConfig:
     use_linear_projection: bool = False                   # SD 2.x: proj_in/proj_out are Linear, not 1x1 conv
     upcast_attention: bool = False                        # SD 2.x-768: attention in fp32
     sample_size: int = 64                                 # the latent side used in training (512 px / 8)
-    attention: str = "sdpa"                               # "sdpa" or "tiled" (our O(N)-memory kernel)
+    attention: str = "sdpa"                               # "sdpa", "tiled" (our O(N)-memory kernel), "fused"
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -481,7 +492,7 @@ def count_macs(model, latent=64, batch=1):
             macs[block] = [0, 0]
             for m in module.modules():
                 if isinstance(m, (nn.Conv2d, nn.Linear, Attention)):
-                    m.register_forward_hook(partial(count, block))
+                    m.register_forward_hook(functools.partial(count, block))
     x = torch.zeros(batch, model.cfg.in_channels, latent, latent, device="meta")
     ctx = torch.zeros(batch, 77, model.cfg.cross_attention_dim, device="meta")
     with torch.no_grad():
