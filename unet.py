@@ -290,9 +290,11 @@ class BasicTransformerBlock(nn.Module):
         self.ff.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
 
     def forward(self, x, context):
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff.net[2](self.ff.net[0](self.norm3(x)))
+        # new term first, as diffusers adds: the sum takes its contiguous layout, not that of x, which enters as a
+        # transposed view of the image; adds on contiguous tensors run vectorized on GPUs (BENCHMARKS.md)
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff.net[2](self.ff.net[0](self.norm3(x))) + x
 
 
 class Transformer2DModel(nn.Module):
