@@ -8,6 +8,7 @@ The minisd test suite, one class per module. Run from the repository root:
 
 `slow` (registered in pytest.ini) marks only the tests that run a full-size model: U-Net, CLIP and VAE parity and
 txt2img end to end. Everything else uses the tiny-test preset, reduced widths, or the meta device.
+The CUDA-graph tests (TestSampler, `-k cuda_graph`) need a CUDA GPU and skip without one.
 
 TestUNet: unet.py. TestTextEncoder: clip_text.py (tokenizer, text encoder). TestVAE: vae.py.
 TestConvert: convert_weights.py (layouts, single files, load_pipeline, safety, its command line).
