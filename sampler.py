@@ -396,21 +396,26 @@ class CUDAGraph:
         self.unet, self.graph = unet, None
 
     def __call__(self, x, t, context):
-        if self.graph is None:  # the first call is the warm-up that capture needs, on a side stream, then records
-            self.x, self.t = x.clone(), torch.as_tensor(t, device=x.device).clone()
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                eps = self.unet(self.x, self.t, context)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self.unet(self.x, self.t, context)
-            return eps
-        self.x.copy_(x)
-        self.t.copy_(torch.as_tensor(t))
-        self.graph.replay()
-        return self.out.clone()  # the next replay overwrites out; the samplers keep past eps
+        with torch.cuda.device(x.device):  # record and replay on x's GPU, whichever one is current (several GPUs)
+            if self.graph is None:
+                return self.record(x, t, context)
+            self.x.copy_(x)
+            self.t.copy_(torch.as_tensor(t))
+            self.graph.replay()
+            return self.out.clone()  # the next replay overwrites out; the samplers keep past eps
+
+    def record(self, x, t, context):
+        """The first call: the warm-up that capture needs, on a side stream (its eps is this step's), then capture."""
+        self.x, self.t = x.clone(), torch.as_tensor(t, device=x.device).clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            eps = self.unet(self.x, self.t, context)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = self.unet(self.x, self.t, context)
+        return eps
 
 
 @torch.no_grad()
