@@ -322,8 +322,8 @@ class Transformer2DModel(nn.Module):
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # back to (B, C, H, W)
-        else:  # an NHWC view of the image; made NCHW as diffusers does, unless x is NHWC (bf16 on a CPU), where that
-            h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # copy and oneDNN's copy back cost 3-5% of a step
+        else:  # the tokens as an NHWC view of the image: kept so if x is NHWC (bf16 on a CPU), else made NCHW as
+            h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # diffusers does (BENCHMARKS.md: the copy pair this saves)
             h = self.proj_out(h if x.is_contiguous(memory_format=torch.channels_last) else h.contiguous())
         return x + h
 
