@@ -115,7 +115,8 @@ def bench_unet(args):
         peak = {}
         for name in models:
             cmd = [sys.executable, __file__, "--peak-rss", name] + [f"--{k}={v}" for k, v in (
-                ("preset", args.preset), ("batch", args.batch), ("latent", args.latent), ("threads", args.threads))]
+                ("preset", args.preset), ("batch", args.batch), ("latent", args.latent), ("threads", args.threads),
+                ("dtype", args.dtype))]
             peak[name] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
             print(f"  {name:10s} peak RSS, build + 1 step: {peak[name]:.2f} GB")
         print(f"  peak memory minisd / diffusers: {peak['minisd'] / peak['diffusers']:.3f}")
