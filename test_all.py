@@ -410,6 +410,16 @@ class TestUNet:
             assert m(x, 10, ctx).dtype == torch.bfloat16
         assert m.conv_in.weight.grad.abs().max() > 0 and len(unet.PACKED) == 0
 
+    def test_torch_compile_sees_the_whole_unet_as_one_graph(self):
+        # bench.py --compile, and GPUs: a graph break (unet.Conv2d's is_inference() check, once) split the U-Net into
+        # 40 graphs, recompiled per layer until dynamo gave up and ran the rest eagerly
+        torch.manual_seed(0)
+        m = UNet(PRESETS["tiny-test"]).eval()
+        with torch.no_grad():
+            e = torch._dynamo.explain(m)(torch.randn(2, 4, 16, 16), torch.tensor([10, 10]), torch.randn(2, 77, 32))
+        torch._dynamo.reset()
+        assert e.graph_count == 1 and e.graph_break_count == 0, e.break_reasons
+
     def test_gradient_checkpointing_gives_the_same_gradients(self):
         torch.manual_seed(0)
         m = UNet(PRESETS["tiny-test"]).train()

@@ -122,10 +122,10 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x):
         w = self.weight
-        if not PREPACK or x.device.type != "cpu" or x.dtype != w.dtype or w.is_inference() or \
-                torch.is_grad_enabled() and (w.requires_grad or x.requires_grad) or \
-                torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
-            return super().forward(x)  # autograd, autocast, torch.compile (which packs its own), GPUs: as usual
+        if torch.compiler.is_compiling() or not PREPACK or x.device.type != "cpu" or x.dtype != w.dtype or \
+                w.is_inference() or torch.is_grad_enabled() and (w.requires_grad or x.requires_grad) or \
+                torch.is_autocast_enabled("cpu"):  # compile first: torch.compile traces no further (no graph break)
+            return super().forward(x)  # torch.compile (which packs its own), autograd, autocast, GPUs: as usual
         args = (self.padding, self.stride, self.dilation, self.groups)
         key = (tuple(x.shape), w.data_ptr(), w._version)  # an optimizer step or load_state_dict bumps the version
         if PACKED.get(self, (None,))[0] != key:
