@@ -393,7 +393,8 @@ class TestUNet:
             return outs
 
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.0)):
-            m.to(dtype)
+            m.to(dtype)  # a cast (or a move) frees the packed copies
+            assert not any(c in unet.PACKED for c in convs)
             plain, packed = both(m, x.to(dtype), ctx.to(dtype))
             assert rel_err(packed.float(), plain.float()) <= tol and all(c in unet.PACKED for c in convs)
         m.float()

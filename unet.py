@@ -132,6 +132,10 @@ class Conv2d(nn.Conv2d):
             PACKED[self] = (key, torch.ops.mkldnn._reorder_convolution_weight(w, *args, x.shape))
         return torch.ops.mkldnn._convolution_pointwise(x, PACKED[self][1], self.bias, *args, "none", [], "")
 
+    def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(): the copy is stale; free it now
+        PACKED.pop(self, None)
+        return super()._apply(fn, *args, **kwargs)
+
 # -----------------------------------------------------------------------------
 # Config
 
