@@ -117,9 +117,8 @@ class Conv2d(nn.Conv2d):
     """nn.Conv2d whose weight oneDNN gets already blocked in CPU inference. A plain CPU convolution reorders its
     weight into oneDNN's blocked layout at every call, a pass over all the weights at every step; this keeps the
     blocked copy, as torch.compile's freezing does: a bk-tiny step 4-10% faster in bf16 and fp32, for a copy of the
-    convolution weights, 58-69% of a U-Net's (BENCHMARKS.md, "Prepacked convolutions on the CPU"; PREPACK = False
-    saves it).
-    The same oneDNN convolution: bf16 outputs are the same bits, fp32 ones differ by about 4e-6 relative."""
+    convolution weights, 58-69% of a U-Net's (PREPACK = False saves it; BENCHMARKS.md, "Prepacked convolutions on
+    the CPU"). The same oneDNN convolution: bf16 outputs are the same bits, fp32 ones differ by about 4e-6 relative."""
 
     def forward(self, x):
         w = self.weight
