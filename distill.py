@@ -42,7 +42,7 @@ from safetensors.torch import save_file
 
 import convert_weights
 import sampler
-from unet import UNet, UNetConfig
+from unet import UNet, UNetConfig, keep_freed_memory
 
 # -----------------------------------------------------------------------------
 # 1. The student: the removal rule, initialisation from the teacher, the feature taps
@@ -470,6 +470,7 @@ def check_args(ap, args):
 
 def main(argv=None):
     ap = parser()
+    keep_freed_memory()  # this process is ours: no page faults on every step's tensors
     args = ap.parse_args(argv)
     for k, v in (SMOKE if args.random_weights else FULL).items():  # defaults that depend on the mode
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))

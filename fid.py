@@ -725,6 +725,8 @@ def coco(args):
 
 
 def main(argv=None):
+    import unet  # where the memory setting lives; scoring itself uses no U-Net code
+    unet.keep_freed_memory()  # this process is ours: no page faults on every batch's tensors
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.
                                  ArgumentDefaultsHelpFormatter)

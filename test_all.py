@@ -35,6 +35,7 @@ import io
 import json
 import os
 import pathlib
+import platform
 import shutil
 import signal
 import socket
@@ -374,6 +375,29 @@ class TestUNet:
         with torch.no_grad():
             ref, out = m(x, 10, ctx), half(x.bfloat16(), 10, ctx.bfloat16())
         assert out.is_contiguous() and rel_err(out.float(), ref) < 3e-2  # the bf16 bound above
+
+    @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+    def test_keep_freed_memory_stops_the_page_faults_of_each_new_activation(self):
+        # a fresh process, since the setting is the process's: four 64 MB tensors, each written and freed, fault
+        # 16,384 pages each by default (each gets its own mapping) and none once the heap keeps what they free;
+        # release_freed_memory then gives those 64 MB back
+        code = """if 1:
+            import resource, torch, unet
+            def faults():
+                for _ in range(4):  # the heap grows until a freed block fits the next (torch aligns them)
+                    x = torch.empty(64 << 20, dtype=torch.uint8).fill_(1); del x
+                f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                for _ in range(4):
+                    x = torch.empty(64 << 20, dtype=torch.uint8).fill_(1); del x
+                return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+            def rss_mb():
+                return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20
+            before = faults(); unet.keep_freed_memory(); after = faults(); kept = rss_mb()
+            unet.release_freed_memory(); print(before, after, kept - rss_mb())"""
+        out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True)
+        before, after, released_mb = map(int, out.stdout.split())
+        assert before >= 4 * 32 and after * 10 < before, (before, after)  # 4 * 32: if huge pages serve them
+        assert released_mb >= 60, released_mb
 
     @pytest.mark.skipif(not unet.PREPACK, reason="weight prepacking is for x86 CPUs with oneDNN")
     def test_prepacked_convolutions_give_the_plain_outputs_and_follow_the_weights(self, monkeypatch):
