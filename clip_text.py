@@ -111,17 +111,23 @@ class CLIPEncoderLayer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def normal(*shape):
+    """N(0, 1), as nn.Embedding's own init draws it, except on the meta device (where convert_weights.py builds
+    models to load), where there is nothing to draw: a draw there (randn, normal_) costs 0.3 s of first-call setup,
+    and nn.Embedding's own imports torch._dynamo."""
+    w = torch.empty(*shape)
+    return w if w.is_meta else w.normal_()
+
+
 class CLIPTextEmbeddings(nn.Module):
     """Token embedding plus a learned absolute position embedding."""
 
     def __init__(self, cfg):
         super().__init__()
-        # N(0, 1) drawn with randn: the same values as nn.Embedding's own normal_ init, which on the meta device
-        # (where convert_weights.py builds models to load) would import torch._dynamo, slower than the whole load
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
-                                            _weight=torch.randn(cfg.vocab_size, cfg.hidden_size))
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=normal(cfg.vocab_size,
+                                                                                          cfg.hidden_size))
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
-                                               _weight=torch.randn(cfg.max_position_embeddings, cfg.hidden_size))
+                                               _weight=normal(cfg.max_position_embeddings, cfg.hidden_size))
 
     def forward(self, ids):
         # positions made on the fly instead of transformers' `position_ids` buffer: nothing to save or load

@@ -573,6 +573,10 @@ class TestTextEncoder:
         with torch.device("meta"):
             assert n_params(CLIPTextModel(clip_text.PRESETS["sd-v1"])) == 123_060_480
             assert n_params(CLIPTextModel(clip_text.PRESETS["sd-v2"])) == 340_387_840
+        torch.manual_seed(0)  # off the meta device the embeddings are N(0, 1) draws, randn's values for the seed
+        emb = CLIPTextModel(clip_text.PRESETS["tiny-test"]).text_model.embeddings.token_embedding.weight
+        torch.manual_seed(0)
+        assert torch.equal(emb, torch.randn(emb.shape))
 
     @pytest.mark.slow
     def test_text_encoder_parity_sd_v1_full_size(self, vocab_gz):
