@@ -145,6 +145,8 @@ class Conv2d(nn.Conv2d):
         PACKED.pop(self, None)
         return super()._apply(fn, *args, **kwargs)
 
+# -----------------------------------------------------------------------------
+# Memory on the CPU: glibc's allocator, kept from unmapping what the next step asks for again
 
 LIBC = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None  # the C library, where it is glibc
 
@@ -158,7 +160,7 @@ def keep_freed_memory():
     1024 px (BENCHMARKS.md, "Page faults on the CPU").
     It changes the whole process, so the command lines call it and a library user opts in. Only where glibc is."""
     if LIBC:
-        LIBC.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: a block under 1 GB comes from the heap, not its own mapping
+        LIBC.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: a block under 256 MB comes from the heap, not its own mapping
         LIBC.mallopt(-1, 2 ** 31 - 1)  # M_TRIM_THRESHOLD: keep the heap's free top instead of returning it
 
 
