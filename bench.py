@@ -6,6 +6,7 @@ Results go in BENCHMARKS.md. Needs the dev requirements (diffusers is the refere
   python bench.py --preset bk-small --reps 5 --device cuda --dtype float16
   python bench.py --preset bk-tiny --device cuda --dtype float16 --compile reduce-overhead  # both compiled alike
   python bench.py --preset bk-tiny --device cuda --dtype float16 --cuda-graph   # both replayed as CUDA graphs
+  python bench.py --preset bk-tiny --dtype bfloat16 --guided   # a guided step: one latent with its two texts
   python bench.py --attention --dtype bfloat16   # our attention kernels (tiled, fused) vs SDPA at SD v1's shapes
   python bench.py --qkv                   # separate vs fused q/k/v projections at SD v1's attention shapes
   python bench.py --load                  # load a saved diffusers folder (random sd-v1 weights): time, peak RSS
@@ -59,16 +60,21 @@ def build(args, which):
 
 
 def step_inputs(cfg, args):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, cfg.in_channels, args.latent, args.latent, generator=g)
+    """--guided: batch / 2 latents, each with two texts, as the samplers call the U-Net under guidance."""
+    g, n = torch.Generator().manual_seed(1), args.batch // 2 if args.guided else args.batch
+    x = torch.randn(n, cfg.in_channels, args.latent, args.latent, generator=g)
     ctx = torch.randn(args.batch, 77, cfg.cross_attention_dim, generator=g)
-    t = torch.full((args.batch,), 500)
+    t = torch.full((n,), 500)
     return (v.to(args.device, DTYPES[args.dtype]) if v.is_floating_point() else v.to(args.device) for v in (x, t, ctx))
 
 
 def call(name, model, x, t, ctx):
-    out = model(x, t, ctx)
-    return out if name == "minisd" else out.sample
+    if name == "minisd":
+        return model(x, t, ctx)  # k texts per latent: the layers before the text run once (unet.UNet.forward)
+    k = ctx.shape[0] // x.shape[0]
+    if k > 1:  # --guided: diffusers' pipeline repeats the latent (and its timestep) for the texts
+        x, t = torch.cat([x] * k), t.repeat(k)
+    return model(x, t, ctx).sample
 
 
 def sync(args):
@@ -103,7 +109,8 @@ def bench_unet(args):
                 sync(args)
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    how = (", compiled" if args.compile else "") + (", CUDA graphs" if args.cuda_graph else "")
+    how = (", compiled" if args.compile else "") + (", CUDA graphs" if args.cuda_graph else "") + \
+        (", guided (a latent with its two texts)" if args.guided else "")
     print(f"U-Net step, {args.preset}, {args.dtype}, {args.device}{how}, "
           f"batch {args.batch}, {args.latent}x{args.latent} latent, {torch.get_num_threads()} threads, "
           f"median of {args.reps} (max relative difference {err:.1e})")
@@ -116,7 +123,7 @@ def bench_unet(args):
         for name in models:
             cmd = [sys.executable, __file__, "--peak-rss", name] + [f"--{k}={v}" for k, v in (
                 ("preset", args.preset), ("batch", args.batch), ("latent", args.latent), ("threads", args.threads),
-                ("dtype", args.dtype))]
+                ("dtype", args.dtype))] + (["--guided"] if args.guided else [])
             peak[name] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
             print(f"  {name:10s} peak RSS, build + 1 step: {peak[name]:.2f} GB")
         print(f"  peak memory minisd / diffusers: {peak['minisd'] / peak['diffusers']:.3f}")
@@ -568,6 +575,8 @@ if __name__ == "__main__":
     ap.add_argument("--compile", help="U-Net step: torch.compile both models with this mode (e.g. default, "
                                       "max-autotune, reduce-overhead)")
     ap.add_argument("--cuda-graph", action="store_true", help="U-Net step: replay both models as CUDA graphs")
+    ap.add_argument("--guided", action="store_true", help="U-Net step: batch/2 latents with two texts each, as "
+                    "classifier-free guidance calls it (diffusers' pipeline repeats the latent)")
     ap.add_argument("--attention", action="store_true", help="our attention kernels vs SDPA at SD v1's shapes")
     ap.add_argument("--json", help="also write the measurements to this JSON file")
     ap.add_argument("--qkv", action="store_true", help="benchmark fused vs separate q/k/v projections")

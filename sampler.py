@@ -472,11 +472,12 @@ def txt2img(pipe, prompt, negative_prompt=None, steps=25, guidance=7.5, height=N
             x = sampler.add_noise(x, randn(x.shape, generator, device, dtype), timesteps[:1].repeat(B))
     # 3. the reverse process x_T -> x_0: at each timestep the U-Net predicts the noise eps and the sampler steps.
     # Classifier-free guidance (Ho & Salimans, arXiv 2207.12598) runs the unconditional and the conditional half in
-    # one U-Net batch: eps = eps_uncond + guidance * (eps_cond - eps_uncond).
+    # one U-Net batch: eps = eps_uncond + guidance * (eps_cond - eps_uncond). The U-Net gets x once with both texts
+    # and runs its layers before the text enters once for the pair (UNet.forward).
     unet_call = CUDAGraph(pipe.unet) if cuda_graph and device.type == "cuda" else pipe.unet
     with stage(times, "denoise", device):
         for t in tqdm(timesteps, "denoise", disable=not progress):
-            eps = unet_call(sampler.scale_model_input(torch.cat([x, x]) if guide else x, t), t, context)
+            eps = unet_call(sampler.scale_model_input(x, t), t, context)
             if guide:
                 eps_uncond, eps_cond = eps.chunk(2)
                 eps = eps_uncond + guidance * (eps_cond - eps_uncond)

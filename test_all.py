@@ -175,17 +175,20 @@ def tiny_twins(sd_dir):
 # unet.py
 
 
-def check_parity(cfg, B=2, H=16, W=16, t=None, seed=0):
+def check_parity(cfg, B=2, H=16, W=16, t=None, seed=0, k=1):
+    """Our U-Net against diffusers' on the same weights and input; k texts per latent (classifier-free guidance's
+    pair: k = 2), with diffusers given the latent k times, as its pipeline does."""
     torch.manual_seed(seed)
     ours = UNet(cfg).eval()
     ref = reference_model(cfg, ours.state_dict())
     x = torch.randn(B, cfg.in_channels, H, W)
-    ctx = torch.randn(B, 77, cfg.cross_attention_dim)
+    ctx = torch.randn(k * B, 77, cfg.cross_attention_dim)
     t = torch.randint(0, 1000, (B,)) if t is None else t  # a different timestep per sample
     with torch.no_grad():
-        a, b = ours(x, t, ctx), ref(x, t, ctx).sample
+        a = ours(x, t, ctx)
+        b = ref(torch.cat([x] * k), t.repeat(k) if torch.is_tensor(t) and t.ndim else t, ctx).sample
     err = rel_err(a, b)
-    assert a.shape == (B, cfg.out_channels, H, W)
+    assert a.shape == (k * B, cfg.out_channels, H, W)
     assert err <= 1e-4, f"max relative error {err:.2e}"
     return ours, err
 
@@ -307,6 +310,20 @@ class TestUNet:
         cfg = replace(narrow(PRESETS["sd-v1"]), layers_per_block=(2, 1, 1, 2), cross_attn=(True, False, True, False))
         ours, _ = check_parity(cfg, B=3)
         assert len(ours.up_blocks[0].resnets) == 3 and len(ours.up_blocks[1].resnets) == 2
+
+    def test_guided_pair_runs_the_layers_before_the_text_once(self):
+        check_parity(narrow(PRESETS["bk-tiny"]), B=1, k=2)  # the sampler's call: one latent, two texts
+        # the text enters in stage 1 here: stage 0, and the skips it leaves for the last up stage, run at batch 2
+        cfg = replace(narrow(PRESETS["sd-v1"]), layers_per_block=(2, 1, 1, 2), cross_attn=(False, True, True, False))
+        ours, _ = check_parity(cfg, B=2, k=3)
+        block = ours.down_blocks[1].attentions[0].transformer_blocks[0]
+        rows, where = {}, {"conv_in": ours.conv_in, "stage 0": ours.down_blocks[0].resnets[-1],
+                           "attn1": block.attn1, "attn2": block.attn2, "conv_out": ours.conv_out}
+        for name, mod in where.items():
+            mod.register_forward_hook(lambda mod, inp, out, name=name: rows.__setitem__(name, out.shape[0]))
+        with torch.no_grad():
+            ours(torch.randn(2, 4, 16, 16), 500, torch.randn(6, 77, 32))
+        assert rows == {"conv_in": 2, "stage 0": 2, "attn1": 2, "attn2": 6, "conv_out": 6}
 
     @pytest.mark.parametrize("preset", ["sd-v1", "bk-tiny"])
     @pytest.mark.slow
@@ -482,8 +499,8 @@ class TestUNet:
             m(torch.randn(1, 4, 16, 12), 1, ctx)
         with pytest.raises(ValueError, match="context must be"):
             m(x, 1, torch.randn(1, 77, 768))
-        with pytest.raises(ValueError, match="context must be"):  # one text per latent
-            m(x, 1, torch.randn(2, 77, 32))
+        with pytest.raises(ValueError, match="context must be"):  # k texts per latent
+            m(torch.randn(2, 4, 16, 16), 1, torch.randn(3, 77, 32))
         with pytest.raises(ValueError, match="one timestep per sample"):
             m(x, torch.tensor([1, 2, 3]), ctx)
         with pytest.raises(ValueError, match="one entry per stage"):

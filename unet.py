@@ -292,6 +292,11 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+def tile(x, n):
+    """x repeated along the batch to n rows, as torch.cat([x] * k): a latent meets its k texts (UNet.forward)."""
+    return x if x.shape[0] == n else torch.cat([x] * (n // x.shape[0]))  # cat keeps NHWC (repeat would not)
+
+
 class ResnetBlock2D(nn.Module):
     """Mirrors diffusers `ResnetBlock2D` (LDM: `ResBlock`): two 3x3 convs with the timestep added between."""
 
@@ -307,7 +312,7 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x, temb):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        h = h + tile(self.time_emb_proj(F.silu(temb)), h.shape[0])[:, :, None, None]
         h = self.conv2(F.silu(self.norm2(h)))  # (dropout 0 in SD: omitted)
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
@@ -367,7 +372,7 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x, context):
         # new term first, as diffusers adds: the sum takes its contiguous layout, not that of x, which enters as a
         # transposed view of the image; adds on contiguous tensors run vectorized on GPUs (BENCHMARKS.md)
-        x = self.attn1(self.norm1(x)) + x
+        x = tile(self.attn1(self.norm1(x)) + x, context.shape[0])  # the text enters next: k copies (UNet.forward)
         x = self.attn2(self.norm2(x), context) + x
         return self.ff.net[2](self.ff.net[0](self.norm3(x))) + x
 
@@ -396,11 +401,11 @@ class Transformer2DModel(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.linear:
-            h = self.proj_out(h).reshape(B, H, W, C).permute(0, 3, 1, 2)  # back to (B, C, H, W)
+            h = self.proj_out(h).reshape(-1, H, W, C).permute(0, 3, 1, 2)  # back to (B, C, H, W)
         else:  # the tokens as an NHWC view of the image: kept so if x is NHWC (bf16 on a CPU), else made NCHW as
-            h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # diffusers does (BENCHMARKS.md: the copy pair this saves)
+            h = h.reshape(-1, H, W, C).permute(0, 3, 1, 2)  # diffusers does (BENCHMARKS.md: the copy pair this saves)
             h = self.proj_out(h if x.is_contiguous(memory_format=torch.channels_last) else h.contiguous())
-        return x + h
+        return tile(x, h.shape[0]) + h
 
 
 class Downsample2D(nn.Module):
@@ -460,7 +465,7 @@ class UpBlock(nn.Module):
 
     def forward(self, h, skips, temb, context, ckpt=False):
         for i, resnet in enumerate(self.resnets):
-            h = run(resnet, torch.cat([h, skips.pop()], dim=1), temb, ckpt=ckpt)
+            h = run(resnet, torch.cat([h, tile(skips.pop(), h.shape[0])], dim=1), temb, ckpt=ckpt)
             if self.attentions:
                 h = run(self.attentions[i], h, context, ckpt=ckpt)
         for up in self.upsamplers:
@@ -515,14 +520,19 @@ class UNet(nn.Module):
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"latent size {tuple(x.shape[2:])} must be divisible by {f}: this U-Net halves it "
                              f"{len(cfg.block_out_channels) - 1} times (image sides divisible by {8 * f})")
-        if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[-1] != cfg.cross_attention_dim:
-            raise ValueError(f"context must be ({x.shape[0]}, tokens, {cfg.cross_attention_dim}), "
-                             f"got {tuple(context.shape)}")
+        if context.ndim != 3 or context.shape[0] % x.shape[0] or context.shape[-1] != cfg.cross_attention_dim:
+            raise ValueError(f"context must be (k * {x.shape[0]}, tokens, {cfg.cross_attention_dim}): k texts per "
+                             f"latent, got {tuple(context.shape)}")
         if t.ndim > 1 or t.numel() not in (1, x.shape[0]):
             raise ValueError(f"t must be a number or hold one timestep per sample, got shape {tuple(t.shape)}")
 
     def forward(self, x, t, context):
-        """x: (B, 4, H, W) noisy latent, t: number or (B,) timesteps, context: (B, 77, 768) text -> eps."""
+        """x: (B, 4, H, W) noisy latent, t: number or (B,) timesteps, context: (k*B, 77, 768) text -> eps (k*B, ...).
+
+        k > 1 gives each latent k texts, as if x were torch.cat([x] * k): classifier-free guidance's pair (k = 2, the
+        unconditional and the conditional text) for one latent. The layers before the first cross-attention see
+        only x and t, so they run once, and their output goes on as k copies (`tile`): the repeated latent's eps
+        within 4e-6 in fp32, a guided bk-tiny step in 0.93 of its time (BENCHMARKS.md, "The guided pair")."""
         t = torch.as_tensor(t, device=x.device)
         self.check_inputs(x, t, context)
         ckpt = self.gradient_checkpointing and self.training
@@ -543,7 +553,8 @@ class UNet(nn.Module):
             h = self.mid_block(h, temb, context, ckpt)
         for block in self.up_blocks:
             h = block(h, skips, temb, context, ckpt)
-        return self.conv_out(F.silu(self.conv_norm_out(h))).contiguous()  # the caller's layout back
+        out = self.conv_out(F.silu(self.conv_norm_out(h))).contiguous()  # the caller's layout back
+        return tile(out, context.shape[0])  # k copies even if no layer took the text
 
 # -----------------------------------------------------------------------------
 # Architecture summary: blocks, removals, parameters and MACs (counted the paper's way, like thop)
