@@ -353,8 +353,8 @@ def bench_txt2img(args):
             times[name].append(time.perf_counter() - t0)
     diffs = {k: (images[k] - images["diffusers"]).abs().max().item() for k in times}
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    print(f"txt2img, {args.preset}, {args.size}x{args.size}, {args.steps} PNDM steps, guidance 7.5 (batch 2 in the "
-          f"U-Net), {args.dtype}, {args.device}, {torch.get_num_threads()} threads, median of {args.reps} "
+    print(f"txt2img, {args.preset}, {args.size}x{args.size}, {args.steps} PNDM steps, guidance 7.5 (the pair in "
+          f"one U-Net call), {args.dtype}, {args.device}, {torch.get_num_threads()} threads, median of {args.reps} "
           f"(max pixel difference from diffusers: {', '.join(f'{k} {v:.0f}/255' for k, v in diffs.items())})")
     for k, v in times.items():
         print(f"  {k:12s} {med[k]:8.3f} s   (runs: {', '.join(f'{s:.3f}' for s in v[1:])})")
