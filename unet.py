@@ -401,7 +401,7 @@ class Transformer2DModel(nn.Module):
         for block in self.transformer_blocks:
             h = block(h, context)
         if self.linear:
-            h = self.proj_out(h).reshape(-1, H, W, C).permute(0, 3, 1, 2)  # back to (B, C, H, W)
+            h = self.proj_out(h).reshape(-1, H, W, C).permute(0, 3, 1, 2)  # back to (k*B, C, H, W)
         else:  # the tokens as an NHWC view of the image: kept so if x is NHWC (bf16 on a CPU), else made NCHW as
             h = h.reshape(-1, H, W, C).permute(0, 3, 1, 2)  # diffusers does (BENCHMARKS.md: the copy pair this saves)
             h = self.proj_out(h if x.is_contiguous(memory_format=torch.channels_last) else h.contiguous())
