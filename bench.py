@@ -7,7 +7,7 @@ Results go in BENCHMARKS.md. Needs the dev requirements (diffusers is the refere
   python bench.py --preset bk-tiny --device cuda --dtype float16 --compile reduce-overhead  # both compiled alike
   python bench.py --preset bk-tiny --device cuda --dtype float16 --cuda-graph   # both replayed as CUDA graphs
   python bench.py --preset bk-tiny --dtype bfloat16 --guided   # a guided step: one latent with its two texts
-  python bench.py --attention --dtype bfloat16   # our attention kernels (tiled, fused) vs SDPA at SD v1's shapes
+  python bench.py --attention --dtype bfloat16   # our attention kernels (tiled, fused, native) vs SDPA, SD v1 shapes
   python bench.py --qkv                   # separate vs fused q/k/v projections at SD v1's attention shapes
   python bench.py --load                  # load a saved diffusers folder (random sd-v1 weights): time, peak RSS
   python bench.py --txt2img --preset bk-small --size 256 --steps 10   # whole text-to-image run, per stage
@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from convert_weights import DTYPES
-from unet import PRESETS, Attention, UNet, attention
+from unet import PRESETS, Attention, UNet, attention, native_fits
 
 
 
@@ -183,7 +183,8 @@ def bench_qkv(args):
 
 def bench_attention(args):
     """Issue 12, goal 6: our attention kernels against torch's SDPA at SD v1's shapes (512 px, batch 2, 8 heads):
-    the tiled loop as it reads (eager) and compiled into fused kernels (impl "fused"), exactness against float64."""
+    the tiled loop as it reads (eager), compiled into fused kernels (impl "fused"), and attention.c (impl
+    "native": fp32 on AVX-512, bf16 on AMX), exactness against float64."""
     print(f"attention core, batch {args.batch} x 8 heads, {args.dtype}, {args.device}, "
           f"{torch.get_num_threads()} threads, median of {args.reps}; fused compiled per shape first (timed apart)")
     rows, dtype = [], DTYPES[args.dtype]
@@ -191,7 +192,8 @@ def bench_attention(args):
         for Lk in (L, 77):  # self-attention, then cross-attention to the 77 text tokens
             g = torch.Generator().manual_seed(0)
             q, k, v = (torch.randn(args.batch, n, C, generator=g).to(args.device, dtype) for n in (L, Lk, Lk))
-            ref = attention(q.double(), k.double(), v.double(), 8)
+            ref = attention(q.double(), k.double(), v.double(), 8, "sdpa")
+            impls = ("sdpa", "tiled", "fused") + (("native",) if native_fits(q, k, v, 8, False) else ())
             times, err = {}, {}
             with torch.inference_mode():
                 t0 = time.perf_counter()
@@ -199,7 +201,7 @@ def bench_attention(args):
                 sync(args)
                 compile_s = time.perf_counter() - t0
                 for _ in range(args.reps + 1):  # interleaved; the first round is a warm-up
-                    for impl in ("sdpa", "tiled", "fused"):
+                    for impl in impls:
                         sync(args)
                         t0 = time.perf_counter()
                         o = attention(q, k, v, 8, impl)
@@ -208,10 +210,9 @@ def bench_attention(args):
                         err[impl] = ((o.double() - ref).abs().max() / ref.abs().max()).item()
             med = {impl: statistics.median(ts[1:]) * 1e3 for impl, ts in times.items()}
             rows.append(dict(tokens=L, keys=Lk, channels=C, ms=med, max_rel_err=err, compile_s=compile_s))
-            ratio = {impl: med[impl] / med["sdpa"] for impl in med}
-            print(f"  {L:4d} x {Lk:4d} tokens, d={C // 8:3d}: sdpa {med['sdpa']:8.2f} ms, tiled {med['tiled']:8.2f} ms "
-                  f"({ratio['tiled']:.2f}x), fused {med['fused']:8.2f} ms ({ratio['fused']:.2f}x); errors "
-                  f"{err['sdpa']:.0e} / {err['tiled']:.0e} / {err['fused']:.0e}; compile {compile_s:.0f} s")
+            others = ", ".join(f"{impl} {med[impl]:7.2f} ms ({med[impl] / med['sdpa']:.2f}x)" for impl in impls[1:])
+            print(f"  {L:4d} x {Lk:4d} tokens, d={C // 8:3d}: sdpa {med['sdpa']:7.2f} ms, {others}; errors "
+                  f"{' / '.join(f'{err[i]:.0e}' for i in impls)}; compile {compile_s:.0f} s")
     return rows
 
 

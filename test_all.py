@@ -279,6 +279,79 @@ class TestUNet:
         for a, b in zip(grads, torch.autograd.grad(ref_out, (q, k, v), g)):
             assert rel_err(a, b) < 1e-5
 
+    @pytest.mark.skipif(not unet.native_kernel(), reason="attention.c runs on Linux CPUs with AVX-512, built by cc")
+    @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
+    @pytest.mark.parametrize("B, heads, Lq, Lk, d, spread", [
+        (2, 8, 300, 77, 40, 1),     # d padded (bf16: its ones column among the pads); 77 keys end mid-tile
+        (1, 2, 70, 1000, 80, 10),   # peaked scores over 4 blocks of 256 keys: the running max moves, rescaling
+        (3, 1, 5, 33, 160, 3),      # fewer queries than a block, 33 keys: one key past a 32-key step
+        (1, 1, 40, 64, 512, 1)])    # the VAE's single head
+    def test_native_attention_matches_float64(self, dtype, tol, B, heads, Lq, Lk, d, spread):
+        # fp32: measured 3e-7 to 3.3e-6, SDPA 3e-7 to 1.7e-6. bf16 computes with fp32 sums, as SDPA does in bf16:
+        # both 2-4e-3 from float64 on these inputs, the rounding of a bf16 output. 1e-2 fails a dropped key block,
+        # mask or rescale.
+        if dtype == torch.bfloat16 and not unet.native_kernel().amx:
+            pytest.skip("attention.c's bf16 kernel runs on AMX")
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, n, heads * d, generator=g).to(dtype) for n in (Lq, Lk, Lk))
+        k[:, -3:] *= 3  # the largest scores come last: the max moves in the last block
+        q = q * spread
+        ref = naive_attention(q, k, v, heads)
+        with torch.no_grad():
+            out = attention(q, k, v, heads, "native")
+        assert out.dtype == dtype and out.shape == q.shape and rel_err(out.double(), ref) < tol
+        assert rel_err(attention(q, k, v, heads, "sdpa").double(), ref) < tol  # the bound holds SDPA too
+
+    @pytest.mark.skipif(not (unet.native_kernel() and unet.native_kernel().amx), reason="attention.c's bf16: AMX")
+    def test_auto_attention_is_native_for_bf16_cpu_inference_only(self):
+        torch.manual_seed(0)
+        q, k, v = torch.randn(2, 64, 64), torch.randn(2, 77, 64), torch.randn(2, 77, 64)
+        h = [t.bfloat16() for t in (q, k, v)]
+        with torch.no_grad():
+            assert torch.equal(attention(*h, 4), attention(*h, 4, "native"))
+            assert not torch.equal(attention(*h, 4), attention(*h, 4, "sdpa"))
+            assert torch.equal(attention(q, k, v, 4), attention(q, k, v, 4, "sdpa"))  # fp32: SDPA, exact
+            assert torch.equal(attention(*h, 4, upcast=True), attention(*h, 4, "sdpa", upcast=True))
+            w = torch.randn(1, 8, 192).bfloat16()  # one head 192 wide: past 160, SDPA is the faster
+            assert torch.equal(attention(w, w, w, 1), attention(w, w, w, 1, "sdpa"))
+        qg = h[0].clone().requires_grad_(True)  # training: SDPA, which has a backward
+        out = attention(qg, h[1], h[2], 4)
+        assert out.grad_fn is not None and torch.equal(out.detach(), attention(*h, 4, "sdpa"))
+        with pytest.raises(ValueError, match="impl 'native' takes CPU inference"):
+            attention(qg, h[1], h[2], 4, "native")
+
+    def test_native_attention_falls_back_to_sdpa_without_a_compiler(self, tmp_path, monkeypatch):
+        # a machine without cc: a warning, no library half written, and "auto" runs SDPA
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # any CPU: the build fails
+        monkeypatch.setattr(unet.platform, "system", lambda: "Linux")
+        unet.native_kernel.cache_clear()
+        try:
+            with pytest.warns(UserWarning, match="attention.c did not build, attention stays on SDPA"):
+                assert unet.native_kernel() is None
+            assert not any((tmp_path / "minisd").iterdir())
+            q = torch.randn(1, 8, 16).bfloat16()
+            with torch.no_grad():
+                assert torch.equal(attention(q, q, q, 2), attention(q, q, q, 2, "sdpa"))
+        finally:
+            unet.native_kernel.cache_clear()  # the next test builds (or finds) the real one again
+
+    @pytest.mark.skipif(not unet.native_kernel(), reason="attention.c runs on Linux CPUs with AVX-512, built by cc")
+    def test_native_attention_is_built_once_into_the_cache(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+        unet.native_kernel.cache_clear()
+        try:
+            kernel = unet.native_kernel()
+            built = list((tmp_path / "minisd").iterdir())  # the library alone, under its hash: no temporary left
+            assert kernel is not None and [p.name for p in built] == [Path(kernel._name).name]
+            assert built[0].name.startswith("attention-") and built[0].suffix == ".so"
+            unet.native_kernel.cache_clear()
+            mtime = built[0].stat().st_mtime_ns
+            assert unet.native_kernel() is not None and built[0].stat().st_mtime_ns == mtime  # found, not rebuilt
+        finally:
+            unet.native_kernel.cache_clear()
+
     @pytest.mark.parametrize("impl", ["sdpa", "tiled"])
     def test_attention_never_builds_the_full_matrix(self, impl):
         # 16,384 tokens: a 1024x1024 image's first U-Net stage. The N x N fp32 scores would take 1 GiB in

@@ -12,15 +12,21 @@ Checkpoint format: parameter names are exactly diffusers' (`down_blocks.1.attent
 so the official diffusers-layout U-Nets (SD v1.4/v1.5 `unet/`, nota-ai/bk-sdm-*) load with
 `load_state_dict(strict=True)` and no renaming. The CompVis single-file names go through convert_weights.py.
 
-This file also holds the project's one attention function, `attention()`, which the VAE reuses.
+This file also holds the project's one attention function, `attention()`, which the VAE reuses; its native
+kernels are attention.c, which this file builds and loads.
 """
 import argparse
 import ctypes
 import functools
+import hashlib
 import math
+import os
 import platform
+import subprocess
+import warnings
 import weakref
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -28,7 +34,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
-# Attention: softmax(q k^T / sqrt(d)) v, two exact implementations
+# Attention: softmax(q k^T / sqrt(d)) v, our own kernels beside torch's SDPA
 
 
 def tiled_attention(q, k, v, q_chunk=1024, k_chunk=1024):
@@ -66,15 +72,82 @@ def fused_attention():
     return torch.compile(functools.partial(tiled_attention, q_chunk=256), dynamic=False)
 
 
-def attention(q, k, v, heads, impl="sdpa", upcast=False):
+# attention.c: the same online softmax in one pass of native code (fp32 on AVX-512, bf16 on AMX), built at first use
+CFLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+          "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+
+
+@functools.cache
+def native_kernel():
+    """attention.c compiled (by $CC, else cc) and loaded, or None where it cannot run: not Linux on a CPU with
+    AVX-512, or no compiler that builds it (warned once). Its bf16 kernel also needs AMX (`.amx`). The library is
+    kept in ~/.cache/minisd under the hash of its source and flags, written whole or not at all."""
+    if platform.system() != "Linux" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return None
+    source = Path(__file__).with_name("attention.c")
+    digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minisd"
+    lib = cache / f"attention-{digest}.so"
+    if not lib.exists():
+        tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            subprocess.run([os.environ.get("CC", "cc"), *CFLAGS, str(source), "-o", str(tmp)], check=True,
+                           capture_output=True, text=True)
+            os.replace(tmp, lib)
+        except (OSError, subprocess.CalledProcessError) as e:  # no compiler, a failed build, a read-only cache
+            warnings.warn(f"attention.c did not build, attention stays on SDPA: {getattr(e, 'stderr', '') or e}")
+            return None
+    kernel = ctypes.CDLL(str(lib))
+    for f in (kernel.attention_fp32, kernel.attention_bf16):
+        f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+    # AMX: torch's private probes (absent means no), then the OS's permission for this process
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    kernel.amx = all(probe is not None and probe() for probe in probes) and kernel.attention_init() == 0
+    return kernel
+
+
+def native_fits(q, k, v, heads, upcast):
+    """May attention.c take this call: fp32, or bf16 on AMX, on the CPU; inference (no autograd, not traced)."""
+    kernel = q.device.type == "cpu" and not upcast and native_kernel()
+    return bool(kernel) and q.dtype == k.dtype == v.dtype and k.shape == v.shape and \
+        q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1] and q.shape[-1] % heads == 0 and \
+        (q.dtype == torch.float32 or q.dtype == torch.bfloat16 and kernel.amx and (q.shape[-1] // heads) % 2 == 0) and \
+        not torch.compiler.is_compiling() and \
+        not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
+def native_attention(q, k, v, heads):
+    """attention.c on (B, L, heads * d) tensors: fp32 to 2e-6 of float64, bf16 as close as SDPA's bf16 (2-4e-3);
+    times in BENCHMARKS.md, "Our attention, native"."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = torch.empty_like(q)
+    (B, Lq, D), Lk = q.shape, k.shape[1]
+    kernel = native_kernel().attention_bf16 if q.dtype == torch.bfloat16 else native_kernel().attention_fp32
+    if kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), B, heads, Lq, Lk, D // heads,
+              torch.get_num_threads()):
+        raise MemoryError("attention.c could not allocate its packed keys and values")
+    return o
+
+
+def attention(q, k, v, heads, impl="auto", upcast=False):
     """Multi-head attention core. q: (B, Lq, D), k and v: (B, Lk, D) -> (B, Lq, D), with D = heads * d.
 
     impl "sdpa": torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on CUDA,
     a tiled flash kernel on CPU). impl "tiled": our own O(N)-memory kernel above, readable and exact; "fused": the
-    same kernel compiled (fused_attention).
+    same kernel compiled (fused_attention); "native": attention.c, fp32 on AVX-512 and bf16 on AMX (native_fits).
+    "auto", the default: "native" for bf16 where it fits, else "sdpa" (fp32's native kernel is opt-in: in a step it
+    measured no faster than SDPA).
     upcast computes in fp32 (SD 2.x-768 needs it in fp16). Neither path builds the N x N matrix on CPU or
     CUDA; where SDPA falls back to its math kernel (other backends, exotic shapes), "tiled" still does not.
     """
+    if impl == "auto":  # where native is the faster (BENCHMARKS.md): bf16 at head widths up to 160; not the VAE's 512
+        fast = q.dtype == torch.bfloat16 and q.shape[-1] // heads <= 160
+        impl = "native" if fast and native_fits(q, k, v, heads, upcast) else "sdpa"
+    if impl == "native":
+        if not native_fits(q, k, v, heads, upcast):
+            raise ValueError("impl 'native' takes CPU inference in fp32 (AVX-512) or bf16 (AMX, an even head width)")
+        return native_attention(q, k, v, heads)
     B, Lq, D = q.shape
     dtype = q.dtype
     if upcast:
@@ -87,7 +160,7 @@ def attention(q, k, v, heads, impl="sdpa", upcast=False):
     elif impl == "fused":
         o = fused_attention()(q, k, v)
     else:
-        raise ValueError(f"unknown attention impl {impl!r}; use 'sdpa', 'tiled' or 'fused'")
+        raise ValueError(f"unknown attention impl {impl!r}; use 'auto', 'sdpa', 'tiled', 'fused' or 'native'")
     return o.transpose(1, 2).reshape(B, Lq, D).to(dtype)
 
 def randn(shape, generator, device, dtype):
@@ -197,7 +270,7 @@ class UNetConfig:
     use_linear_projection: bool = False                   # SD 2.x: proj_in/proj_out are Linear, not 1x1 conv
     upcast_attention: bool = False                        # SD 2.x-768: attention in fp32
     sample_size: int = 64                                 # the latent side used in training (512 px / 8)
-    attention: str = "sdpa"                               # "sdpa", "tiled" (our O(N)-memory kernel), "fused"
+    attention: str = "auto"                               # attention(): "auto", "sdpa", "tiled", "fused", "native"
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -320,7 +393,7 @@ class ResnetBlock2D(nn.Module):
 class Attention(nn.Module):
     """Mirrors diffusers `Attention` (LDM: `CrossAttention`): self-attention, or cross-attention to `context`."""
 
-    def __init__(self, dim, heads, context_dim=None, impl="sdpa", upcast=False):
+    def __init__(self, dim, heads, context_dim=None, impl="auto", upcast=False):
         super().__init__()
         self.heads, self.impl, self.upcast = heads, impl, upcast
         self.to_q = nn.Linear(dim, dim, bias=False)

@@ -40,7 +40,7 @@ class VAEConfig:
     # LDM set it to 1 / std of the encoder's latents on its first training batch (`scale_by_std`; std ~ 5.49)
     # so that the diffusion model sees unit-variance latents (paper sec. 4.3.2, D.1). The sampler applies it.
     scaling_factor: float = 0.18215
-    attention: str = "sdpa"                            # mid-block attention: "sdpa" or "tiled" (O(N) memory)
+    attention: str = "auto"                            # mid-block attention: unet.attention()'s impl
 
     @property
     def downsample_factor(self):  # image side / latent side: 8 for SD v1
