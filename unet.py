@@ -108,12 +108,12 @@ def native_kernel():
 
 
 def native_fits(q, k, v, heads, upcast):
-    """May attention.c take this call: fp32, or bf16 on AMX, on the CPU; inference (no autograd, not traced)."""
-    kernel = q.device.type == "cpu" and not upcast and native_kernel()
+    """May attention.c take this call: fp32, or bf16 on AMX, on the CPU; inference (no autograd, not traced by
+    torch.compile, asked first: tracing goes no further, so no graph break)."""
+    kernel = not torch.compiler.is_compiling() and q.device.type == "cpu" and not upcast and native_kernel()
     return bool(kernel) and q.dtype == k.dtype == v.dtype and k.shape == v.shape and \
         q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1] and q.shape[-1] % heads == 0 and \
         (q.dtype == torch.float32 or q.dtype == torch.bfloat16 and kernel.amx and (q.shape[-1] // heads) % 2 == 0) and \
-        not torch.compiler.is_compiling() and \
         not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
 
 
@@ -136,14 +136,12 @@ def attention(q, k, v, heads, impl="auto", upcast=False):
     impl "sdpa": torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on CUDA,
     a tiled flash kernel on CPU). impl "tiled": our own O(N)-memory kernel above, readable and exact; "fused": the
     same kernel compiled (fused_attention); "native": attention.c, fp32 on AVX-512 and bf16 on AMX (native_fits).
-    "auto", the default: "native" for bf16 where it fits, else "sdpa" (fp32's native kernel is opt-in: in a step it
-    measured no faster than SDPA).
+    "auto", the default: "native" where it fits, else "sdpa".
     upcast computes in fp32 (SD 2.x-768 needs it in fp16). Neither path builds the N x N matrix on CPU or
     CUDA; where SDPA falls back to its math kernel (other backends, exotic shapes), "tiled" still does not.
     """
-    if impl == "auto":  # where native is the faster (BENCHMARKS.md): bf16 at head widths up to 160; not the VAE's 512
-        fast = q.dtype == torch.bfloat16 and q.shape[-1] // heads <= 160
-        impl = "native" if fast and native_fits(q, k, v, heads, upcast) else "sdpa"
+    if impl == "auto":  # where native is the faster (BENCHMARKS.md): head widths up to 160, not the VAE's 512
+        impl = "native" if q.shape[-1] // heads <= 160 and native_fits(q, k, v, heads, upcast) else "sdpa"
     if impl == "native":
         if not native_fits(q, k, v, heads, upcast):
             raise ValueError("impl 'native' takes CPU inference in fp32 (AVX-512) or bf16 (AMX, an even head width)")
