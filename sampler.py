@@ -540,9 +540,8 @@ def random_pipeline(preset="tiny-test", seed=0, tokenizer=None):
 
 def native_bf16():
     """Does this CPU multiply bf16 in hardware (AVX512-BF16 or AMX)? There bf16 is much faster than fp32 and its
-    pixels stay close (BENCHMARKS.md). torch.cpu's probes are private: absent means no."""
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe is not None and probe() for probe in probes)
+    pixels stay close (BENCHMARKS.md)."""
+    return any(unet.cpu_has("avx512_bf16", "amx_tile"))
 
 
 def write_png(im, path, meta):

@@ -77,6 +77,12 @@ CFLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mfma", "-mavx512f", "-mavx512
           "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
 
 
+def cpu_has(*features):
+    """torch's CPU probes, torch.cpu._is_<feature>_supported, one answer per feature. They are private: absent
+    means no."""
+    return [getattr(torch.cpu, f"_is_{f}_supported", lambda: False)() for f in features]
+
+
 @functools.cache
 def native_kernel():
     """attention.c compiled (by $CC, else cc) and loaded, or None where it cannot run: not Linux on a CPU with
@@ -101,9 +107,7 @@ def native_kernel():
     kernel = ctypes.CDLL(str(lib))
     for f in (kernel.attention_fp32, kernel.attention_bf16):
         f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
-    # AMX: torch's private probes (absent means no), then the OS's permission for this process
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    kernel.amx = all(probe is not None and probe() for probe in probes) and kernel.attention_init() == 0
+    kernel.amx = all(cpu_has("amx_tile", "avx512_bf16")) and kernel.attention_init() == 0  # and the OS allows it
     return kernel
 
 
@@ -123,7 +127,8 @@ def native_attention(q, k, v, heads):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(q)
     (B, Lq, D), Lk = q.shape, k.shape[1]
-    kernel = native_kernel().attention_bf16 if q.dtype == torch.bfloat16 else native_kernel().attention_fp32
+    lib = native_kernel()
+    kernel = lib.attention_bf16 if q.dtype == torch.bfloat16 else lib.attention_fp32
     if kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), B, heads, Lq, Lk, D // heads,
               torch.get_num_threads()):
         raise MemoryError("attention.c could not allocate its packed keys and values")
@@ -142,9 +147,9 @@ def attention(q, k, v, heads, impl="auto", upcast=False):
     """
     if impl == "auto":  # where native is the faster (BENCHMARKS.md): head widths up to 160, not the VAE's 512
         impl = "native" if q.shape[-1] // heads <= 160 and native_fits(q, k, v, heads, upcast) else "sdpa"
+    elif impl == "native" and not native_fits(q, k, v, heads, upcast):
+        raise ValueError("impl 'native' takes CPU inference in fp32 (AVX-512) or bf16 (AMX, an even head width)")
     if impl == "native":
-        if not native_fits(q, k, v, heads, upcast):
-            raise ValueError("impl 'native' takes CPU inference in fp32 (AVX-512) or bf16 (AMX, an even head width)")
         return native_attention(q, k, v, heads)
     B, Lq, D = q.shape
     dtype = q.dtype
