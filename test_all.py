@@ -320,17 +320,22 @@ class TestUNet:
         with pytest.raises(ValueError, match="impl 'native' takes CPU inference"):
             attention(qg, k, v, 4, "native")
 
-    def test_native_attention_falls_back_to_sdpa_without_a_compiler(self, tmp_path, monkeypatch):
-        # a machine without cc: a warning, no library half written, and "auto" runs SDPA
+    @pytest.mark.parametrize("missing", ["compiler", "source"])
+    def test_native_attention_falls_back_to_sdpa_without_a_compiler(self, tmp_path, monkeypatch, missing):
+        # a machine without cc, or a unet.py copied without attention.c: a warning, no library half written, and
+        # "auto" runs SDPA
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        if missing == "compiler":
+            monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        else:
+            monkeypatch.setattr(unet, "__file__", str(tmp_path / "alone" / "unet.py"))
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # any CPU: the build fails
         monkeypatch.setattr(unet.platform, "system", lambda: "Linux")
         unet.native_kernel.cache_clear()
         try:
             with pytest.warns(UserWarning, match="attention.c did not build, attention stays on SDPA"):
                 assert unet.native_kernel() is None
-            assert not any((tmp_path / "minisd").iterdir())
+            assert not list((tmp_path / "minisd").glob("*"))  # nothing written, not even the folder's contents
             q = torch.randn(1, 8, 16).bfloat16()
             with torch.no_grad():
                 assert torch.equal(attention(q, q, q, 2), attention(q, q, q, 2, "sdpa"))

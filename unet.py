@@ -86,25 +86,25 @@ def cpu_has(*features):
 @functools.cache
 def native_kernel():
     """attention.c compiled (by $CC, else cc) and loaded, or None where it cannot run: not Linux on a CPU with
-    AVX-512, or no compiler that builds it (warned once). Its bf16 kernel also needs AMX (`.amx`). The library is
+    AVX-512, or no attention.c beside this file or no compiler that builds it (warned once). Its bf16 kernel also needs AMX (`.amx`). The library is
     kept in ~/.cache/minisd under the hash of its source and flags, written whole or not at all."""
     if platform.system() != "Linux" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return None
-    source = Path(__file__).with_name("attention.c")
-    digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    source = Path(__file__).with_name("attention.c")  # beside this file: a unet.py copied alone runs on SDPA
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minisd"
-    lib = cache / f"attention-{digest}.so"
-    if not lib.exists():
-        tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
-        try:
+    try:
+        digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+        lib = cache / f"attention-{digest}.so"
+        if not lib.exists():
+            tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
             cache.mkdir(parents=True, exist_ok=True)
             subprocess.run([os.environ.get("CC", "cc"), *CFLAGS, str(source), "-o", str(tmp)], check=True,
                            capture_output=True, text=True)
             os.replace(tmp, lib)
-        except (OSError, subprocess.CalledProcessError) as e:  # no compiler, a failed build, a read-only cache
-            warnings.warn(f"attention.c did not build, attention stays on SDPA: {getattr(e, 'stderr', '') or e}")
-            return None
-    kernel = ctypes.CDLL(str(lib))
+        kernel = ctypes.CDLL(str(lib))
+    except (OSError, subprocess.CalledProcessError) as e:  # no attention.c, no compiler, a failed build, read-only
+        warnings.warn(f"attention.c did not build, attention stays on SDPA: {getattr(e, 'stderr', '') or e}")
+        return None
     for f in (kernel.attention_fp32, kernel.attention_bf16):
         f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
     kernel.amx = all(cpu_has("amx_tile", "avx512_bf16")) and kernel.attention_init() == 0  # and the OS allows it
