@@ -111,17 +111,25 @@ def native_kernel():
     return kernel
 
 
+@torch.compiler.assume_constant_result  # torch.compile asks once, while tracing, and keeps the answer
+def native_ready(bf16):
+    """Is attention.c built and loaded here, with AMX for bf16."""
+    kernel = native_kernel()
+    return kernel is not None and (not bf16 or kernel.amx)
+
+
 def native_fits(q, k, v, heads, upcast):
-    """May attention.c take this call: fp32, or bf16 on AMX, on the CPU; inference (no autograd, not traced by
-    torch.compile, asked first: tracing goes no further, so no graph break)."""
-    kernel = not torch.compiler.is_compiling() and q.device.type == "cpu" and not upcast and native_kernel()
-    return bool(kernel) and q.dtype == k.dtype == v.dtype and k.shape == v.shape and \
-        q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1] and q.shape[-1] % heads == 0 and \
-        (q.dtype == torch.float32 or q.dtype == torch.bfloat16 and kernel.amx and (q.shape[-1] // heads) % 2 == 0) and \
-        not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+    """May attention.c take this call: fp32, or bf16 on AMX (an even head width), on the CPU; inference (no
+    autograd). Under torch.compile too: the kernel is an operator of its own (minisd::attention) in the graph."""
+    return q.device.type == "cpu" and not upcast and q.dtype in (torch.float32, torch.bfloat16) and \
+        q.dtype == k.dtype == v.dtype and k.shape == v.shape and q.shape[0] == k.shape[0] and \
+        q.shape[-1] == k.shape[-1] and q.shape[-1] % heads == 0 and \
+        (q.dtype == torch.float32 or (q.shape[-1] // heads) % 2 == 0) and \
+        not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) and \
+        native_ready(q.dtype == torch.bfloat16)
 
 
-def native_attention(q, k, v, heads):
+def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """attention.c on (B, L, heads * d) tensors: fp32 to 2e-6 of float64, bf16 as close as SDPA's bf16 (2-4e-3);
     times in BENCHMARKS.md, "Our attention, native"."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -133,6 +141,11 @@ def native_attention(q, k, v, heads):
               torch.get_num_threads()):
         raise MemoryError("attention.c could not allocate its packed keys and values")
     return o
+
+
+# torch.compile sees attention.c as one operator of its graph, whose output is shaped like q, not as Python to trace
+native_op = torch.library.custom_op("minisd::attention", native_attention, mutates_args=())
+native_op.register_fake(lambda q, k, v, heads: torch.empty_like(q, memory_format=torch.contiguous_format))
 
 
 def attention(q, k, v, heads, impl="auto", upcast=False):
@@ -149,8 +162,8 @@ def attention(q, k, v, heads, impl="auto", upcast=False):
         impl = "native" if q.shape[-1] // heads <= 160 and native_fits(q, k, v, heads, upcast) else "sdpa"
     elif impl == "native" and not native_fits(q, k, v, heads, upcast):
         raise ValueError("impl 'native' takes CPU inference in fp32 (AVX-512) or bf16 (AMX, an even head width)")
-    if impl == "native":
-        return native_attention(q, k, v, heads)
+    if impl == "native":  # traced by torch.compile: its operator; else called straight (the operator costs 60 us)
+        return (native_op if torch.compiler.is_compiling() else native_attention)(q, k, v, heads)
     B, Lq, D = q.shape
     dtype = q.dtype
     if upcast:
