@@ -549,7 +549,8 @@ class TestUNet:
     def test_torch_compile_sees_the_whole_unet_as_one_graph(self):
         # bench.py --compile, and GPUs: a graph break (unet.Conv2d's is_inference() check, once) split the U-Net into
         # 40 graphs, recompiled per layer until dynamo gave up and ran the rest eagerly
-        # attention.c too is an operator of that graph (minisd::attention), where it runs, not a break or SDPA
+        # attention.c too is an operator of that graph (minisd::attention), where it runs, not a break or SDPA;
+        # torch.export keeps SDPA
         torch.manual_seed(0)
         m = UNet(PRESETS["tiny-test"]).eval()
         inputs = torch.randn(2, 4, 16, 16), torch.tensor([10, 10]), torch.randn(2, 77, 32)
@@ -559,8 +560,10 @@ class TestUNet:
             compiled = torch.compile(m, backend="aot_eager")(*inputs)  # the operator's fake output, as traced
             torch._dynamo.reset()
             assert rel_err(compiled, m(*inputs)) < 1e-5
+            exported = torch.export.export(m, inputs).graph_module.code  # a program to run anywhere: SDPA
         assert e.graph_count == 1 and e.graph_break_count == 0, e.break_reasons
         assert ("torch.ops.minisd.attention" in e.graphs[0].code) == bool(unet.native_kernel())
+        assert "minisd.attention" not in exported and "scaled_dot_product" in exported
 
     def test_gradient_checkpointing_gives_the_same_gradients(self):
         torch.manual_seed(0)

@@ -120,8 +120,10 @@ def native_ready(bf16):
 
 def native_fits(q, k, v, heads, upcast):
     """May attention.c take this call: fp32, or bf16 on AMX (an even head width), on the CPU; inference (no
-    autograd). Under torch.compile too: the kernel is an operator of its own (minisd::attention) in the graph."""
-    return q.device.type == "cpu" and not upcast and q.dtype in (torch.float32, torch.bfloat16) and \
+    autograd). Under torch.compile too: the kernel is an operator of its own (minisd::attention) in the graph; not in
+    torch.export's, whose programs run where attention.c may not."""
+    return q.device.type == "cpu" and not upcast and not torch.compiler.is_exporting() and \
+        q.dtype in (torch.float32, torch.bfloat16) and \
         q.dtype == k.dtype == v.dtype and k.shape == v.shape and q.shape[0] == k.shape[0] and \
         q.shape[-1] == k.shape[-1] and q.shape[-1] % heads == 0 and \
         (q.dtype == torch.float32 or (q.shape[-1] // heads) % 2 == 0) and \
