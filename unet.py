@@ -86,8 +86,9 @@ def cpu_has(*features):
 @functools.cache
 def native_kernel():
     """attention.c compiled (by $CC, else cc) and loaded, or None where it cannot run: not Linux on a CPU with
-    AVX-512, or no attention.c beside this file or no compiler that builds it (warned once). Its bf16 kernel also needs AMX (`.amx`). The library is
-    kept in ~/.cache/minisd under the hash of its source and flags, written whole or not at all."""
+    AVX-512, or no attention.c beside this file or no compiler that builds it (warned once). Its bf16 kernel also
+    needs AMX (`.amx`). The library is kept in ~/.cache/minisd under the hash of its source and flags, written whole
+    or not at all."""
     if platform.system() != "Linux" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         return None
     source = Path(__file__).with_name("attention.c")  # beside this file: a unet.py copied alone runs on SDPA
@@ -123,9 +124,8 @@ def native_fits(q, k, v, heads, upcast):
     autograd). Under torch.compile too: the kernel is an operator of its own (minisd::attention) in the graph; not in
     torch.export's, whose programs run where attention.c may not."""
     return q.device.type == "cpu" and not upcast and not torch.compiler.is_exporting() and \
-        q.dtype in (torch.float32, torch.bfloat16) and \
-        q.dtype == k.dtype == v.dtype and k.shape == v.shape and q.shape[0] == k.shape[0] and \
-        q.shape[-1] == k.shape[-1] and q.shape[-1] % heads == 0 and \
+        q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k.dtype == v.dtype and k.shape == v.shape and \
+        q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1] and q.shape[-1] % heads == 0 and \
         (q.dtype == torch.float32 or (q.shape[-1] // heads) % 2 == 0) and \
         not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) and \
         native_ready(q.dtype == torch.bfloat16)
