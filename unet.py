@@ -112,7 +112,6 @@ def native_kernel():
     return kernel
 
 
-@torch.compiler.assume_constant_result  # torch.compile asks once, while tracing, and keeps the answer
 def native_ready(bf16):
     """Is attention.c built and loaded here, with AMX for bf16."""
     kernel = native_kernel()
@@ -121,19 +120,22 @@ def native_ready(bf16):
 
 def native_fits(q, k, v, heads, upcast):
     """May attention.c take this call: fp32, or bf16 on AMX (an even head width), on the CPU; inference (no
-    autograd). Under torch.compile too: the kernel is an operator of its own (minisd::attention) in the graph; not in
-    torch.export's, whose programs run where attention.c may not."""
+    autograd). Under torch.compile the kernel is an operator of the graph (minisd::attention) that asks at run time
+    whether it is built (else SDPA): tracing its loader would break the graph. Not in torch.export's graphs, whose
+    programs run where attention.c may not."""
     return q.device.type == "cpu" and not upcast and not torch.compiler.is_exporting() and \
         q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k.dtype == v.dtype and k.shape == v.shape and \
         q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1] and q.shape[-1] % heads == 0 and \
         (q.dtype == torch.float32 or (q.shape[-1] // heads) % 2 == 0) and \
         not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) and \
-        native_ready(q.dtype == torch.bfloat16)
+        (torch.compiler.is_compiling() or native_ready(q.dtype == torch.bfloat16))
 
 
 def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """attention.c on (B, L, heads * d) tensors: fp32 to 2e-6 of float64, bf16 as close as SDPA's bf16 (2-4e-3);
     times in BENCHMARKS.md, "Our attention, native"."""
+    if not native_ready(q.dtype == torch.bfloat16):  # compiled where the kernel does not build
+        return attention(q, k, v, heads, "sdpa")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o = torch.empty_like(q)
     (B, Lq, D), Lk = q.shape, k.shape[1]
