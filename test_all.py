@@ -279,7 +279,7 @@ class TestUNet:
         for a, b in zip(grads, torch.autograd.grad(ref_out, (q, k, v), g)):
             assert rel_err(a, b) < 1e-5
 
-    @pytest.mark.skipif(not unet.native_kernel(), reason="attention.c runs on Linux CPUs with AVX-512, built by cc")
+    @pytest.mark.skipif(not unet.native_ready(False), reason="native.c's attention: Linux, AVX-512, built by cc")
     @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
     @pytest.mark.parametrize("B, heads, Lq, Lk, d, spread", [
         (2, 8, 300, 77, 40, 1),     # d padded (bf16: its ones column among the pads); 77 keys end mid-tile
@@ -291,7 +291,7 @@ class TestUNet:
         # both 2-4e-3 from float64 on these inputs, the rounding of a bf16 output. 1e-2 fails a dropped key block,
         # mask or rescale.
         if dtype == torch.bfloat16 and not unet.native_kernel().amx:
-            pytest.skip("attention.c's bf16 kernel runs on AMX")
+            pytest.skip("native.c's bf16 attention runs on AMX")
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(B, n, heads * d, generator=g).to(dtype) for n in (Lq, Lk, Lk))
         k[:, -3:] *= 3  # the largest scores come last: the max moves in the last block
@@ -302,7 +302,7 @@ class TestUNet:
         assert out.dtype == dtype and out.shape == q.shape and rel_err(out.double(), ref) < tol
         assert rel_err(attention(q, k, v, heads, "sdpa").double(), ref) < tol  # the bound holds SDPA too
 
-    @pytest.mark.skipif(not unet.native_kernel(), reason="attention.c runs on Linux CPUs with AVX-512, built by cc")
+    @pytest.mark.skipif(not unet.native_ready(False), reason="native.c's attention: Linux, AVX-512, built by cc")
     def test_auto_attention_is_native_for_cpu_inference_only(self):
         torch.manual_seed(0)
         q, k, v = torch.randn(2, 64, 64), torch.randn(2, 77, 64), torch.randn(2, 77, 64)
@@ -322,7 +322,7 @@ class TestUNet:
 
     @pytest.mark.parametrize("missing", ["compiler", "source"])
     def test_native_attention_falls_back_to_sdpa_without_a_compiler(self, tmp_path, monkeypatch, missing):
-        # a machine without cc, or a unet.py copied without attention.c: a warning, no library half written, and
+        # a machine without cc, or a unet.py copied without native.c: a warning, no library half written, and
         # "auto" runs SDPA
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
         if missing == "compiler":
@@ -333,25 +333,28 @@ class TestUNet:
         monkeypatch.setattr(unet.platform, "system", lambda: "Linux")
         unet.native_kernel.cache_clear()
         try:
-            with pytest.warns(UserWarning, match="attention.c did not build, attention stays on SDPA"):
+            with pytest.warns(UserWarning, match="native.c did not build: attention stays on SDPA, convolutions on "):
                 assert unet.native_kernel() is None
             assert not list((tmp_path / "minisd").glob("*"))  # nothing written, not even the folder's contents
             q = torch.randn(1, 8, 16).bfloat16()
             with torch.no_grad():
                 assert torch.equal(attention(q, q, q, 2), attention(q, q, q, 2, "sdpa"))
                 assert torch.equal(unet.native_op(q, q, q, 2), attention(q, q, q, 2, "sdpa"))  # as torch.compile calls it
+                conv, x = unet.Conv2d(8, 8, 3, padding=1), torch.randn(1, 8, 6, 6)
+                assert rel_err(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)) < 1e-5
+                assert conv not in unet.PACKED or unet.PACKED[conv][0][0] != "winograd"  # oneDNN's convolution
         finally:
             unet.native_kernel.cache_clear()  # the next test builds (or finds) the real one again
 
-    @pytest.mark.skipif(not unet.native_kernel(), reason="attention.c runs on Linux CPUs with AVX-512, built by cc")
-    def test_native_attention_is_built_once_into_the_cache(self, tmp_path, monkeypatch):
+    @pytest.mark.skipif(not unet.native_kernel(), reason="native.c runs on Linux x86 CPUs, built by cc")
+    def test_native_kernels_are_built_once_into_the_cache(self, tmp_path, monkeypatch):
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
         unet.native_kernel.cache_clear()
         try:
             kernel = unet.native_kernel()
             built = list((tmp_path / "minisd").iterdir())  # the library alone, under its hash: no temporary left
             assert kernel is not None and len(built) == 1
-            assert built[0].name.startswith("attention-") and built[0].suffix == ".so"
+            assert built[0].name.startswith("native-") and built[0].suffix == ".so"
             unet.native_kernel.cache_clear()
             mtime = built[0].stat().st_mtime_ns
             assert unet.native_kernel() is not None and built[0].stat().st_mtime_ns == mtime  # found, not rebuilt
@@ -547,10 +550,43 @@ class TestUNet:
             assert m(x, 10, ctx).dtype == torch.bfloat16
         assert m.conv_in.weight.grad.abs().max() > 0 and len(unet.PACKED) == 0
 
+    @pytest.mark.skipif(not (unet.PREPACK and unet.native_kernel()), reason="native.c runs on x86 CPUs with AVX2")
+    @pytest.mark.parametrize("scratch, isa", [(16 << 20, "native"), (1, "native"), (16 << 20, "AVX2")])
+    def test_winograd_convolutions_are_as_exact_as_the_direct_ones(self, request, tmp_path, monkeypatch, scratch, isa):
+        # unet.Conv2d.winograd: the fp32 3x3 convolutions by F(2x2, 3x3), measured 6-8e-7 of float64 at full size
+        # (oneDNN's 2-4e-6); odd sizes, no bias, an input not channels-last; the tiles in one chunk or 64 a chunk;
+        # native.c built as for this CPU, and as for one with AVX2 alone: the transforms without the attention
+        monkeypatch.setattr(unet, "WINOGRAD_SCRATCH", scratch)
+        if isa == "AVX2":
+            monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+            monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+            unet.native_kernel.cache_clear()
+            request.addfinalizer(unet.native_kernel.cache_clear)  # the next test builds (or finds) the real one
+            assert unet.native_kernel() and not unet.native_ready(False) and not unet.native_ready(True)
+            q = torch.randn(1, 8, 16)
+            with torch.no_grad():
+                assert torch.equal(attention(q, q, q, 2), attention(q, q, q, 2, "sdpa"))
+        torch.manual_seed(0)
+        for n, c_in, c_out, h, w, bias in ((1, 5, 7, 7, 9, True), (3, 33, 17, 5, 4, False), (2, 64, 32, 31, 17, True),
+                                           (1, 4, 4, 1, 1, True), (2, 320, 64, 16, 16, True)):
+            conv = unet.Conv2d(c_in, c_out, 3, padding=1, bias=bias)
+            x = torch.randn(n, c_in, h, w)
+            with torch.no_grad():
+                y = conv(x)
+                exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double() if bias else None, padding=1)
+            assert unet.PACKED[conv][0][0] == "winograd" and y.is_contiguous(memory_format=torch.channels_last)
+            assert rel_err(y.double(), exact) < 1e-6, (n, c_in, c_out, h, w)
+        for conv, x in ((unet.Conv2d(8, 8, 3, padding=1, stride=2), torch.randn(1, 8, 8, 8)),  # oneDNN's own
+                        (unet.Conv2d(8, 8, 1), torch.randn(1, 8, 8, 8)),
+                        (unet.Conv2d(8, 8, 3, padding=1).bfloat16(), torch.randn(1, 8, 8, 8).bfloat16())):
+            with torch.no_grad():
+                conv(x)
+            assert unet.PACKED[conv][0][0] != "winograd"
+
     def test_torch_compile_sees_the_whole_unet_as_one_graph(self):
         # bench.py --compile, and GPUs: a graph break (unet.Conv2d's is_inference() check, once) split the U-Net into
         # 40 graphs, recompiled per layer until dynamo gave up and ran the rest eagerly
-        # attention.c too is an operator of that graph (minisd::attention), not a break; torch.export keeps SDPA
+        # native.c's attention too is an operator of that graph (minisd::attention), not a break; export keeps SDPA
         torch.manual_seed(0)
         m = UNet(PRESETS["tiny-test"]).eval()
         inputs = torch.randn(2, 4, 16, 16), torch.tensor([10, 10]), torch.randn(2, 77, 32)
@@ -562,7 +598,7 @@ class TestUNet:
             assert rel_err(compiled, m(*inputs)) < 1e-5
             exported = torch.export.export(m, inputs).graph_module.code  # a program to run anywhere: SDPA
         assert e.graph_count == 1 and e.graph_break_count == 0, e.break_reasons
-        assert "torch.ops.minisd.attention" in e.graphs[0].code  # (it runs SDPA where attention.c does not build)
+        assert "torch.ops.minisd.attention" in e.graphs[0].code  # (it runs SDPA where native.c does not build)
         assert "minisd.attention" not in exported and "scaled_dot_product" in exported
 
     def test_gradient_checkpointing_gives_the_same_gradients(self):
@@ -2548,7 +2584,7 @@ class TestDistill:
         taps = distill.feature_taps(teacher.cfg, teacher.cfg)
         losses = distill.kd_losses(teacher, teacher, taps, x_t, t, ctx, target)
         # not exactly 0 on a CPU: the teacher's no-grad pass runs oneDNN's prepacked convolutions and fused GEGLU
-        # (unet.onednn_inference) and attention.c, whose fp32 outputs differ from the plain ones by about 4e-6
+        # (unet.onednn_inference) and native.c, whose fp32 outputs differ from the plain ones by about 4e-6
         # relative: MSEs ~1e-13
         assert losses["out"].item() < 1e-10 and losses["feat"].item() < 1e-10 and losses["task"].item() > 0.1
 

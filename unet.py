@@ -13,7 +13,7 @@ so the official diffusers-layout U-Nets (SD v1.4/v1.5 `unet/`, nota-ai/bk-sdm-*)
 `load_state_dict(strict=True)` and no renaming. The CompVis single-file names go through convert_weights.py.
 
 This file also holds the project's one attention function, `attention()`, which the VAE reuses; its native
-kernels are attention.c, which this file builds and loads.
+kernels, and the fp32 convolutions' Winograd transforms, are native.c, which this file builds and loads.
 """
 import argparse
 import ctypes
@@ -72,9 +72,11 @@ def fused_attention():
     return torch.compile(functools.partial(tiled_attention, q_chunk=256), dynamic=False)
 
 
-# attention.c: the same online softmax in one pass of native code (fp32 on AVX-512, bf16 on AMX), built at first use
-CFLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-          "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+# native.c, built at first use: the same online softmax in one pass of native code (fp32 on AVX-512, bf16 on AMX),
+# and the Winograd convolution's transforms (Conv2d.winograd), alone on CPUs with AVX2 but not AVX-512
+CFLAGS = {"AVX512": ["-O3", "-shared", "-fPIC", "-fopenmp", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                     "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"],
+          "AVX2": ["-O3", "-shared", "-fPIC", "-fopenmp", "-mfma", "-mavx2"]}
 
 
 def cpu_has(*features):
@@ -85,44 +87,51 @@ def cpu_has(*features):
 
 @functools.cache
 def native_kernel():
-    """attention.c compiled (by $CC, else cc) and loaded, or None where it cannot run: not Linux on a CPU with
-    AVX-512, or no attention.c beside this file or no compiler that builds it (warned once). Its bf16 kernel also
-    needs AMX (`.amx`). The library is kept in ~/.cache/minisd under the hash of its source and flags, written whole
-    or not at all."""
-    if platform.system() != "Linux" or not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+    """native.c compiled (by $CC, else cc) and loaded, or None where it cannot run: not Linux on a CPU with AVX2
+    or AVX-512, or no native.c beside this file or no compiler that builds it (warned once). Its attention needs
+    AVX-512 (`.attention`), its bf16 attention AMX too (`.amx`). The library is kept in ~/.cache/minisd under the
+    hash of its source and flags, written whole or not at all."""
+    flags = CFLAGS.get(torch.backends.cpu.get_cpu_capability())
+    if platform.system() != "Linux" or not flags:
         return None
-    source = Path(__file__).with_name("attention.c")  # beside this file: a unet.py copied alone runs on SDPA
+    source = Path(__file__).with_name("native.c")  # beside this file: a unet.py copied alone runs on SDPA
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minisd"
     try:
-        digest = hashlib.sha256(source.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
-        lib = cache / f"attention-{digest}.so"
+        digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+        lib = cache / f"native-{digest}.so"
         if not lib.exists():
             tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
             cache.mkdir(parents=True, exist_ok=True)
-            subprocess.run([os.environ.get("CC", "cc"), *CFLAGS, str(source), "-o", str(tmp)], check=True,
+            subprocess.run([os.environ.get("CC", "cc"), *flags, str(source), "-o", str(tmp)], check=True,
                            capture_output=True, text=True)
             os.replace(tmp, lib)
         kernel = ctypes.CDLL(str(lib))
-    except (OSError, subprocess.CalledProcessError) as e:  # no attention.c, no compiler, a failed build, read-only
-        warnings.warn(f"attention.c did not build, attention stays on SDPA: {getattr(e, 'stderr', '') or e}")
+    except (OSError, subprocess.CalledProcessError) as e:  # no native.c, no compiler, a failed build, read-only
+        warnings.warn("native.c did not build: attention stays on SDPA, convolutions on oneDNN: "
+                      f"{getattr(e, 'stderr', '') or e}")
         return None
-    for f in (kernel.attention_fp32, kernel.attention_bf16):
-        f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
-    kernel.amx = all(cpu_has("amx_tile", "avx512_bf16")) and kernel.attention_init() == 0  # and the OS allows it
+    for f, pointers in ((kernel.winograd_input, 2), (kernel.winograd_output, 3)):
+        f.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int]
+    kernel.attention = hasattr(kernel, "attention_fp32")  # built for AVX-512
+    if kernel.attention:
+        for f in (kernel.attention_fp32, kernel.attention_bf16):
+            f.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
+    kernel.amx = kernel.attention and all(cpu_has("amx_tile", "avx512_bf16")) and \
+        kernel.attention_init() == 0  # and the OS allows it
     return kernel
 
 
 def native_ready(bf16):
-    """Is attention.c built and loaded here, with AMX for bf16."""
+    """Is native.c's attention built and loaded here, with AMX for bf16."""
     kernel = native_kernel()
-    return kernel is not None and (not bf16 or kernel.amx)
+    return kernel is not None and kernel.attention and (not bf16 or kernel.amx)
 
 
 def native_fits(q, k, v, heads, upcast):
-    """May attention.c take this call: fp32, or bf16 on AMX (an even head width), on the CPU; inference (no
+    """May native.c take this call: fp32, or bf16 on AMX (an even head width), on the CPU; inference (no
     autograd). Under torch.compile the kernel is an operator of the graph (minisd::attention) that asks at run time
     whether it is built (else SDPA): tracing its loader would break the graph. Not in torch.export's graphs, whose
-    programs run where attention.c may not."""
+    programs run where native.c may not."""
     return q.device.type == "cpu" and not upcast and not torch.compiler.is_exporting() and \
         q.dtype in (torch.float32, torch.bfloat16) and q.dtype == k.dtype == v.dtype and k.shape == v.shape and \
         q.shape[0] == k.shape[0] and q.shape[-1] == k.shape[-1] and q.shape[-1] % heads == 0 and \
@@ -132,7 +141,7 @@ def native_fits(q, k, v, heads, upcast):
 
 
 def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """attention.c on (B, L, heads * d) tensors: fp32 to 2e-6 of float64, bf16 as close as SDPA's bf16 (2-4e-3);
+    """native.c on (B, L, heads * d) tensors: fp32 to 2e-6 of float64, bf16 as close as SDPA's bf16 (2-4e-3);
     times in BENCHMARKS.md, "Our attention, native"."""
     if not native_ready(q.dtype == torch.bfloat16):  # compiled where the kernel does not build
         return attention(q, k, v, heads, "sdpa")
@@ -143,11 +152,11 @@ def native_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: i
     kernel = lib.attention_bf16 if q.dtype == torch.bfloat16 else lib.attention_fp32
     if kernel(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), B, heads, Lq, Lk, D // heads,
               torch.get_num_threads()):
-        raise MemoryError("attention.c could not allocate its packed keys and values")
+        raise MemoryError("native.c could not allocate its packed keys and values")
     return o
 
 
-# torch.compile sees attention.c as one operator of its graph, whose output is shaped like q, not as Python to trace
+# torch.compile sees native.c's attention as one operator of its graph, shaped like q, not as Python to trace
 native_op = torch.library.custom_op("minisd::attention", native_attention, mutates_args=())
 native_op.register_fake(lambda q, k, v, heads: torch.empty_like(q, memory_format=torch.contiguous_format))
 
@@ -157,7 +166,7 @@ def attention(q, k, v, heads, impl="auto", upcast=False):
 
     impl "sdpa": torch's fused scaled_dot_product_attention (flash / memory-efficient kernels on CUDA,
     a tiled flash kernel on CPU). impl "tiled": our own O(N)-memory kernel above, readable and exact; "fused": the
-    same kernel compiled (fused_attention); "native": attention.c, fp32 on AVX-512 and bf16 on AMX (native_fits).
+    same kernel compiled (fused_attention); "native": native.c, fp32 on AVX-512 and bf16 on AMX (native_fits).
     "auto", the default: "native" where it fits, else "sdpa".
     upcast computes in fp32 (SD 2.x-768 needs it in fp16). Neither path builds the N x N matrix on CPU or
     CUDA; where SDPA falls back to its math kernel (other backends, exotic shapes), "tiled" still does not.
@@ -204,6 +213,9 @@ def fast_layout(t):
 
 ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 PREPACK = ONEDNN  # False: plain convolutions, no packed copy of their weights
+WINOGRAD = True  # False: the fp32 3x3 convolutions on oneDNN too; saves 7/9 of their weights' size (Conv2d.winograd)
+WINOGRAD_SCRATCH = 16 << 20  # bytes of transformed tiles a chunk: 2-64 MB measured alike in a step, one chunk 4% slower
+WINOGRAD_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 
 
 def onednn_inference(x, w):
@@ -222,17 +234,50 @@ class Conv2d(nn.Conv2d):
     weight into oneDNN's blocked layout at every call, a pass over all the weights at every step; this keeps the
     blocked copy, as torch.compile's freezing does: a bk-tiny step 4-10% faster in bf16 and fp32, for a copy of the
     convolution weights, 58-69% of a U-Net's (PREPACK = False saves it; BENCHMARKS.md, "Prepacked convolutions on
-    the CPU"). The same oneDNN convolution: bf16 outputs are the same bits, fp32 ones differ by about 4e-6 relative."""
+    the CPU"). The same oneDNN convolution: bf16 outputs are the same bits, fp32 ones differ by about 4e-6 relative.
+    The fp32 3x3 convolutions (stride 1, padding 1) go by Winograd's algorithm instead, where native.c builds."""
 
     def forward(self, x):
         w = self.weight
         if not (onednn_inference(x, w) and PREPACK) or w.is_inference():  # inference tensors track no version
             return super().forward(x)  # torch.compile (which packs its own), autograd, autocast, GPUs: as usual
         args = (self.padding, self.stride, self.dilation, self.groups)
+        if WINOGRAD and x.dtype == torch.float32 and w.shape[2:] == (3, 3) and args == ((1, 1), (1, 1), (1, 1), 1) \
+                and self.padding_mode == "zeros" and native_kernel():
+            return self.winograd(x)
         key = (tuple(x.shape), w.data_ptr(), w._version)  # an optimizer step or load_state_dict bumps the version
         if PACKED.get(self, (None,))[0] != key:
             PACKED[self] = (key, torch.ops.mkldnn._reorder_convolution_weight(w, *args, x.shape))
         return torch.ops.mkldnn._convolution_pointwise(x, PACKED[self][1], self.bias, *args, "none", [], "")
+
+    def winograd(self, x):
+        """The fp32 3x3 convolution by Winograd's F(2x2, 3x3) (native.c): per 2x2 block of outputs, 16 multiplies
+        for each input and output channel where the direct convolution does 36. Its 16 matrix products are
+        torch.bmm's; native.c's transforms around them are adds. Over the input tiles in chunks of at most
+        WINOGRAD_SCRATCH bytes of products, so its scratch stays small. As exact as oneDNN's direct convolution:
+        6-8e-7 of float64 at the U-Net's sizes (oneDNN's 2-4e-6). An fp32 U-Net step took 0.81-0.85 of its time on
+        oneDNN (AVX2 alone: 0.83-0.84), for transformed filters 16/9 the size of the weights, kept where oneDNN's
+        packed copy was (sd-v1: 3.7 GB for 2.1; BENCHMARKS.md, "Winograd convolutions in fp32")."""
+        g = self.weight  # the filters
+        key = ("winograd", g.data_ptr(), g._version)
+        if PACKED.get(self, (None,))[0] != key:  # U = G g G^T (native.c): kron(G, G) on each filter's nine taps
+            taps = g.permute(2, 3, 1, 0).reshape(9, -1)  # (9, C_in x C_out)
+            PACKED[self] = (key, (torch.kron(WINOGRAD_G, WINOGRAD_G) @ taps).view(16, g.shape[1], g.shape[0]))
+        u, lib, threads = PACKED[self][1], native_kernel(), torch.get_num_threads()
+        x = x.contiguous(memory_format=torch.channels_last)  # (N, H, W, C) in memory
+        (n, c, h, w), c_out = x.shape, u.shape[2]
+        y = torch.empty(n, c_out, h, w, memory_format=torch.channels_last)
+        bias = None if self.bias is None else self.bias.data_ptr()
+        tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+        chunk = max(64, WINOGRAD_SCRATCH // (16 * 4 * (c + c_out)))  # tiles whose transforms fit the scratch
+        for p in range(0, tiles, chunk):
+            k = min(chunk, tiles - p)
+            v = torch.empty(16, k, c)
+            if lib.winograd_input(x.data_ptr(), v.data_ptr(), n, h, w, c, p, k, threads):  # V = B^T d B
+                raise MemoryError("native.c could not allocate its scratch")
+            m = torch.bmm(v, u)  # M_q = V_q U_q, q = 1 ... 16
+            lib.winograd_output(m.data_ptr(), bias, y.data_ptr(), n, h, w, c_out, p, k, threads)  # Y = A^T M A + b
+        return y
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .cuda(), .half(): the copy is stale; free it now
         PACKED.pop(self, None)

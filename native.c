@@ -1,6 +1,10 @@
 /*
- * attention.c: minisd's own fused attention, in native code for x86 CPUs: bf16 on AMX (Intel Sapphire Rapids and
- * later), fp32 on AVX-512.
+ * native.c: minisd's native code for x86 CPUs. Two parts:
+ *   - its own fused attention: bf16 on AMX (Intel Sapphire Rapids and later), fp32 on AVX-512;
+ *   - the fp32 3x3 convolution's Winograd transforms (at the end), plain C that the compiler vectorises, built for
+ *     AVX2 CPUs too (without the attention, which needs AVX-512).
+ *
+ * The attention:
  *
  *     O = softmax(Q K^T / sqrt(d)) V        for every (batch, head), never building the Lq x Lk matrix
  *
@@ -14,8 +18,10 @@
  * and at the end 5. O / sum_j P_ij. The scores stay in L1 (32 x 256 fp32) between the products; torch's SDPA and
  * the compiled tiled_attention() both spend their time elsewhere (BENCHMARKS.md, "Our attention, native").
  *
+ * Layouts: q, o (B, Lq, H*d) and k, v (B, Lk, H*d), row-major, as the U-Net's projections make them.
+ *
  * Built by unet.py at first use (cc -O3 -fopenmp and the instruction-set flags in unet.CFLAGS), called through
- * ctypes. Layouts: q, o (B, Lq, H*d) and k, v (B, Lk, H*d), row-major, as the U-Net's projections make them.
+ * ctypes.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -26,6 +32,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#ifdef __AVX512F__  /* the attention: AVX-512, and AMX for bf16 */
 typedef uint16_t bf16;
 #define QB 32   /* queries per block: two 16-row tiles share every key tile loaded */
 #define KB 256  /* keys per block: 32 x 256 fp32 scores (32 KB) stay in L1 */
@@ -363,4 +370,102 @@ int attention_fp32(const float* q, const float* k, const float* v, float* o, int
     }
     free(kt); free(vp); free(scratch);
     return 0;
+}
+#endif
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * The 3x3 convolution, fp32, by Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016, "Fast Algorithms for
+ * Convolutional Neural Networks"): each 2x2 block of outputs ("tile") from its 4x4 patch d of the zero-padded input,
+ *
+ *     Y = A^T [ (G g G^T) . (B^T d B) ] A           . elementwise, over 4 x 4 = 16 positions,
+ *
+ * with g the 3x3 filter. Summed over the input channels, the elementwise products become 16 matrix products,
+ * M_q = V_q U_q (tiles x C_in times C_in x C_out), 16 multiplies where the direct convolution does 36: 2.25x fewer.
+ * unet.py transforms the filters once (U = G g G^T) and does the products (torch.bmm);
+ * here are the two transforms around them, which are only adds and subtracts, on channels-last tensors:
+ *
+ *     B^T = | 1  0 -1  0 |          A^T = | 1  1  1  0 |
+ *           | 0  1  1  0 |                | 0  1 -1 -1 |
+ *           | 0 -1  1  0 |
+ *           | 0  1  0 -1 |
+ *
+ * Tiles are numbered p = (n * th + i) * tw + j, th x tw tiles an image, and each call takes np of them from p0, so
+ * that unet.py bounds its scratch. Odd sizes: the last row or column of tiles reads zeros and writes half. */
+
+/* v (16, np, C) = B^T d B for the tiles p0 ... p0 + np - 1 of x (N, H, W, C); -1 where it cannot allocate */
+int winograd_input(const float* x, float* v, int N, int H, int W, int C, long p0, long np, int threads) {
+    const int th = (H + 1) / 2, tw = (W + 1) / 2;
+    const long ld = ((long)C + 15) / 16 * 16;
+    float* zero = calloc(C, sizeof(float));                          /* the padding */
+    float* scratch = aligned_alloc(64, threads * 16 * ld * sizeof(float));  /* B^T d, a C-vector a position */
+    if (!zero || !scratch) { free(zero); free(scratch); return -1; }
+    #pragma omp parallel num_threads(threads)
+    {
+        float* t = scratch + omp_get_thread_num() * 16 * ld;
+        #pragma omp for schedule(static)
+        for (long p = p0; p < p0 + np; p++) {
+            const int n = p / ((long)th * tw), i = p / tw % th, j = p % tw;
+            const float* d[4][4];
+            for (int a = 0; a < 4; a++)
+                for (int b = 0; b < 4; b++) {
+                    const int r = 2 * i - 1 + a, c = 2 * j - 1 + b;
+                    d[a][b] = r < 0 || r >= H || c < 0 || c >= W ? zero : x + (((long)n * H + r) * W + c) * C;
+                }
+            for (int b = 0; b < 4; b++) {  /* t = B^T d, a column of the patch at a time */
+                const float *d0 = d[0][b], *d1 = d[1][b], *d2 = d[2][b], *d3 = d[3][b];
+                float *t0 = t + b * ld, *t1 = t + (4 + b) * ld, *t2 = t + (8 + b) * ld, *t3 = t + (12 + b) * ld;
+                #pragma omp simd
+                for (int k = 0; k < C; k++) {
+                    t0[k] = d0[k] - d2[k];
+                    t1[k] = d1[k] + d2[k];
+                    t2[k] = d2[k] - d1[k];
+                    t3[k] = d1[k] - d3[k];
+                }
+            }
+            for (int a = 0; a < 4; a++) {  /* v = t B, a row at a time, into position q = 4 a + b of tile p */
+                const float *s0 = t + 4 * a * ld, *s1 = s0 + ld, *s2 = s1 + ld, *s3 = s2 + ld;
+                float* v0 = v + ((4 * a) * np + p - p0) * C;
+                float *v1 = v0 + np * C, *v2 = v1 + np * C, *v3 = v2 + np * C;
+                #pragma omp simd
+                for (int k = 0; k < C; k++) {
+                    v0[k] = s0[k] - s2[k];
+                    v1[k] = s1[k] + s2[k];
+                    v2[k] = s2[k] - s1[k];
+                    v3[k] = s1[k] - s3[k];
+                }
+            }
+        }
+    }
+    free(zero);
+    free(scratch);
+    return 0;
+}
+
+/* y (N, H, W, C) = A^T m A + bias for the tiles p0 ... p0 + np - 1, from m (16, np, C); bias may be NULL */
+void winograd_output(const float* m, const float* bias, float* y, int N, int H, int W, int C, long p0, long np,
+                     int threads) {
+    const int th = (H + 1) / 2, tw = (W + 1) / 2;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long p = p0; p < p0 + np; p++) {
+        const int n = p / ((long)th * tw), i = p / tw % th, j = p % tw;
+        const float* mq[16];
+        for (int q = 0; q < 16; q++) mq[q] = m + (q * np + p - p0) * C;
+        float* y00 = y + (((long)n * H + 2 * i) * W + 2 * j) * C;  /* the tile's four outputs, those inside y */
+        float* y01 = 2 * j + 1 < W ? y00 + C : NULL;
+        float* y10 = 2 * i + 1 < H ? y00 + (long)W * C : NULL;
+        float* y11 = y01 && y10 ? y10 + C : NULL;
+        #pragma omp simd
+        for (int k = 0; k < C; k++) {
+            float s0[4], s1[4];  /* A^T m: the four columns of its two rows */
+            for (int b = 0; b < 4; b++) {
+                s0[b] = mq[b][k] + mq[4 + b][k] + mq[8 + b][k];
+                s1[b] = mq[4 + b][k] - mq[8 + b][k] - mq[12 + b][k];
+            }
+            const float bk = bias ? bias[k] : 0.f;
+            y00[k] = s0[0] + s0[1] + s0[2] + bk;
+            if (y01) y01[k] = s0[1] - s0[2] - s0[3] + bk;
+            if (y10) y10[k] = s1[0] + s1[1] + s1[2] + bk;
+            if (y11) y11[k] = s1[1] - s1[2] - s1[3] + bk;
+        }
+    }
 }
