@@ -582,6 +582,12 @@ class TestUNet:
             with torch.no_grad():
                 conv(x)
             assert unet.PACKED[conv][0][0] != "winograd"
+        conv, x = unet.Conv2d(8, 8, 3, padding=1, prepack=False), torch.randn(1, 8, 8, 8)  # vae.py's: Winograd alone
+        with torch.no_grad():
+            conv.bfloat16()(x.bfloat16())
+            assert conv not in unet.PACKED  # nn.Conv2d's own
+            conv.float()(x)
+            assert unet.PACKED[conv][0][0] == "winograd"
 
     def test_torch_compile_sees_the_whole_unet_as_one_graph(self):
         # bench.py --compile, and GPUs: a graph break (unet.Conv2d's is_inference() check, once) split the U-Net into

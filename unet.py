@@ -235,7 +235,12 @@ class Conv2d(nn.Conv2d):
     blocked copy, as torch.compile's freezing does: a bk-tiny step 4-10% faster in bf16 and fp32, for a copy of the
     convolution weights, 58-69% of a U-Net's (PREPACK = False saves it; BENCHMARKS.md, "Prepacked convolutions on
     the CPU"). The same oneDNN convolution: bf16 outputs are the same bits, fp32 ones differ by about 4e-6 relative.
-    The fp32 3x3 convolutions (stride 1, padding 1) go by Winograd's algorithm instead, where native.c builds."""
+    The fp32 3x3 convolutions (stride 1, padding 1) go by Winograd's algorithm instead, where native.c builds.
+    prepack=False keeps that path alone, the others as nn.Conv2d's (vae.py: packing gained nothing in a decoder)."""
+
+    def __init__(self, *args, prepack=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prepack = prepack
 
     def forward(self, x):
         w = self.weight
@@ -245,6 +250,8 @@ class Conv2d(nn.Conv2d):
         if WINOGRAD and x.dtype == torch.float32 and w.shape[2:] == (3, 3) and args == ((1, 1), (1, 1), (1, 1), 1) \
                 and self.padding_mode == "zeros" and native_kernel():
             return self.winograd(x)
+        if not self.prepack:
+            return super().forward(x)
         key = (tuple(x.shape), w.data_ptr(), w._version)  # an optimizer step or load_state_dict bumps the version
         if PACKED.get(self, (None,))[0] != key:
             PACKED[self] = (key, torch.ops.mkldnn._reorder_convolution_weight(w, *args, x.shape))

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from unet import attention, fast_layout, randn  # the project's one attention function and noise helper (STYLE.md)
+from unet import Conv2d, attention, fast_layout, randn  # the project's attention, noise and fp32 Winograd
 
 # -----------------------------------------------------------------------------
 # Config
@@ -63,9 +63,9 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, c_in, c_out, cfg):
         super().__init__()
         self.norm1 = nn.GroupNorm(cfg.norm_num_groups, c_in, eps=cfg.norm_eps)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.conv1 = Conv2d(c_in, c_out, 3, padding=1, prepack=False)
         self.norm2 = nn.GroupNorm(cfg.norm_num_groups, c_out, eps=cfg.norm_eps)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        self.conv2 = Conv2d(c_out, c_out, 3, padding=1, prepack=False)
         # a 1x1 conv matches channels on the residual path when they change
         self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
 
@@ -107,7 +107,7 @@ class Upsample2D(nn.Module):
     """Mirrors diffusers `Upsample2D`: nearest-neighbour x2, then a 3x3 conv (same as unet.py)."""
     def __init__(self, c):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.conv = Conv2d(c, c, 3, padding=1, prepack=False)
 
     def forward(self, x):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -144,12 +144,12 @@ class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         ch, n = cfg.block_out_channels, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1, prepack=False)
         self.down_blocks = nn.ModuleList([Stage(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg,
                                                 "down" if i < n - 1 else None) for i in range(n)])
         self.mid_block = MidBlock(ch[-1], cfg)
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[-1], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1, prepack=False)
 
     def forward(self, h):
         for block in (self.conv_in, *self.down_blocks, self.mid_block):
@@ -162,12 +162,12 @@ class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         ch, n = cfg.block_out_channels[::-1], len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, ch[0], 3, padding=1, prepack=False)
         self.mid_block = MidBlock(ch[0], cfg)
         self.up_blocks = nn.ModuleList([Stage(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, cfg,
                                               "up" if i < n - 1 else None) for i in range(n)])
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[-1], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], cfg.out_channels, 3, padding=1, prepack=False)
 
     def forward(self, h):
         for block in (self.conv_in, self.mid_block, *self.up_blocks):
