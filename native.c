@@ -381,7 +381,7 @@ int attention_fp32(const float* q, const float* k, const float* v, float* o, int
  *
  * with g the 3x3 filter. Summed over the input channels, the elementwise products become 16 matrix products,
  * M_q = V_q U_q (tiles x C_in times C_in x C_out), 16 multiplies where the direct convolution does 36: 2.25x fewer.
- * unet.py transforms the filters once (U = G g G^T) and does the products (torch.bmm);
+ * unet.py transforms the filters once (U = G g G^T, G its WINOGRAD_G) and does the products (torch.bmm);
  * here are the two transforms around them, which are only adds and subtracts, on channels-last tensors:
  *
  *     B^T = | 1  0 -1  0 |          A^T = | 1  1  1  0 |
