@@ -261,8 +261,8 @@ class Conv2d(nn.Conv2d):
         """The fp32 3x3 convolution by Winograd's F(2x2, 3x3) (native.c): per 2x2 block of outputs, 16 multiplies
         for each input and output channel where the direct convolution does 36. Its 16 matrix products are
         torch.bmm's; native.c's transforms around them are adds. Over the input tiles in chunks of at most
-        WINOGRAD_SCRATCH bytes of products, so its scratch stays small. As exact as oneDNN's direct convolution:
-        6-8e-7 of float64 at the U-Net's sizes (oneDNN's 2-4e-6). An fp32 U-Net step took 0.81-0.85 of its time on
+        WINOGRAD_SCRATCH bytes of products, so its scratch stays small. More exact than oneDNN's direct convolution:
+        6-9e-7 of float64 at the U-Net's sizes (oneDNN's 2-4e-6). An fp32 U-Net step took 0.79-0.85 of its time on
         oneDNN (AVX2 alone: 0.83-0.84), for transformed filters 16/9 the size of the weights, kept where oneDNN's
         packed copy was (sd-v1: 3.7 GB for 2.1; BENCHMARKS.md, "Winograd convolutions in fp32")."""
         g = self.weight  # the filters
