@@ -557,6 +557,7 @@ class TestUNet:
         # (oneDNN's 2-4e-6); odd sizes, no bias, an input not channels-last; the tiles in one chunk or 64 a chunk;
         # native.c built as for this CPU, and as for one with AVX2 alone: the transforms without the attention
         monkeypatch.setattr(unet, "WINOGRAD_SCRATCH", scratch)
+        monkeypatch.setattr(unet, "WINOGRAD_MIN_TILES", 1)  # every size here; the bound itself is checked last
         if isa == "AVX2":
             monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
             monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
@@ -588,6 +589,12 @@ class TestUNet:
             assert conv not in unet.PACKED  # nn.Conv2d's own
             conv.float()(x)
             assert unet.PACKED[conv][0][0] == "winograd"
+        monkeypatch.setattr(unet, "WINOGRAD_MIN_TILES", 32)  # fewer blocks of 2x2 outputs: oneDNN's (memory-bound)
+        conv = unet.Conv2d(8, 8, 3, padding=1)
+        for shape, blocks in (((1, 8, 8, 8), 16), ((1, 8, 7, 16), 32), ((2, 8, 8, 8), 32), ((1, 8, 8, 8), 16)):
+            with torch.no_grad():
+                conv(torch.randn(shape))
+            assert (unet.PACKED[conv][0][0] == "winograd") == (blocks >= 32), shape
 
     def test_torch_compile_sees_the_whole_unet_as_one_graph(self):
         # bench.py --compile, and GPUs: a graph break (unet.Conv2d's is_inference() check, once) split the U-Net into

@@ -215,6 +215,7 @@ ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mk
 PREPACK = ONEDNN  # False: plain convolutions, no packed copy of their weights
 WINOGRAD = True  # False: the fp32 3x3 convolutions on oneDNN too; saves 7/9 of their weights' size (Conv2d.winograd)
 WINOGRAD_SCRATCH = 16 << 20  # bytes of transformed tiles a chunk: 2-64 MB measured alike in a step, one chunk 4% slower
+WINOGRAD_MIN_TILES = 32  # 2x2 output blocks a call; fewer: products memory-bound (1280 channels, 16 blocks: 1.04-1.4x)
 WINOGRAD_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 
 
@@ -235,8 +236,9 @@ class Conv2d(nn.Conv2d):
     blocked copy, as torch.compile's freezing does: a bk-tiny step 4-10% faster in bf16 and fp32, for a copy of the
     convolution weights, 58-69% of a U-Net's (PREPACK = False saves it; BENCHMARKS.md, "Prepacked convolutions on
     the CPU"). The same oneDNN convolution: bf16 outputs are the same bits, fp32 ones differ by about 4e-6 relative.
-    The fp32 3x3 convolutions (stride 1, padding 1) go by Winograd's algorithm instead, where native.c builds.
-    prepack=False keeps that path alone, the others as nn.Conv2d's (vae.py: packing gained nothing in a decoder)."""
+    The fp32 3x3 convolutions (stride 1, padding 1, 32 blocks of 2x2 outputs or more) go by Winograd's algorithm
+    instead, where native.c builds. prepack=False keeps that path alone, the others as nn.Conv2d's (vae.py: packing
+    gained nothing in a decoder)."""
 
     def __init__(self, *args, prepack=True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -247,8 +249,9 @@ class Conv2d(nn.Conv2d):
         if not (onednn_inference(x, w) and PREPACK) or w.is_inference():  # inference tensors track no version
             return super().forward(x)  # torch.compile (which packs its own), autograd, autocast, GPUs: as usual
         args = (self.padding, self.stride, self.dilation, self.groups)
+        tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)  # Winograd's 2x2 blocks of outputs
         if WINOGRAD and x.dtype == torch.float32 and w.shape[2:] == (3, 3) and args == ((1, 1), (1, 1), (1, 1), 1) \
-                and self.padding_mode == "zeros" and native_kernel():
+                and self.padding_mode == "zeros" and tiles >= WINOGRAD_MIN_TILES and native_kernel():
             return self.winograd(x)
         if not self.prepack:
             return super().forward(x)
