@@ -623,6 +623,7 @@ def load_model(args, device, dtype):
 
 def main(args, ap):
     unet.keep_freed_memory()  # this process is ours: no page faults on every step's activations
+    unet.PREPACK = unet.PREPACK and not args.low_memory  # no packed or transformed copy: plain convolutions
     if args.random_weights:  # small by default: the smoke run is about the code path, not the picture
         args.height, args.width = args.height or 128, args.width or 128
     prompts, init, device, dtype, seed = check_args(args, ap)
@@ -681,6 +682,9 @@ def parser():
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                     help="auto: float16 on cuda, bfloat16 on a CPU with native bf16 (AVX512-BF16, AMX), else float32")
+    ap.add_argument("--low-memory", action="store_true",
+                    help="CPU: keep no second copy of the convolution weights (oneDNN's packed one, Winograd's "
+                         "transformed one in fp32): less memory, slower steps (BENCHMARKS.md)")
     return ap
 
 

@@ -45,6 +45,7 @@ import threading
 import types
 import urllib.parse
 import warnings
+import weakref
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -1880,6 +1881,30 @@ class TestCLI:
         out = run_cli("sampler.py", *base, "--width", "60")  # and once as a user sees it
         assert out.returncode == 2 and "--width must be a positive multiple of 8, got 60" in out.stderr
         assert list(tmp_path.iterdir()) == []
+
+    @pytest.mark.skipif(not unet.PREPACK, reason="the weight copies are made on x86 CPUs (oneDNN)")
+    def test_cli_low_memory_keeps_no_copy_of_the_weights(self, tmp_path, monkeypatch):
+        # --low-memory: no oneDNN packed or Winograd transformed copy of any convolution's weights, the same picture
+        made, ap = [], sampler.parser()
+
+        class Recorded(weakref.WeakKeyDictionary):  # unet.PACKED, noting each copy made
+            def __setitem__(self, layer, value):
+                made.append("winograd" if value[0][0] == "winograd" else "oneDNN")
+                super().__setitem__(layer, value)
+        images = []
+        for flag in ([], ["--low-memory"]):
+            monkeypatch.setattr(unet, "PREPACK", True)  # main() sets it for the process: each run starts afresh
+            monkeypatch.setattr(unet, "PACKED", Recorded())
+            made.clear()
+            out = tmp_path / f"{len(flag)}.png"
+            sampler.main(ap.parse_args(["a cat", "--random-weights", "--steps", "2", "--dtype", "float32", "--seed",
+                                        "0", "--out", str(out)] + flag), ap)
+            images.append(np.asarray(Image.open(out), dtype=np.int16))
+            if flag:
+                assert made == [] and unet.PREPACK is False
+            else:  # fp32 at 128x128: 3x3 convolutions by Winograd where native.c builds, the others packed
+                assert "oneDNN" in made and ("winograd" in made) == bool(unet.native_kernel())
+        assert np.abs(images[0] - images[1]).max() <= 1
 
     def test_cli_loads_a_diffusers_folder_through_convert_weights(self, tiny_twins, tmp_path):
         ours, ref = tiny_twins
