@@ -381,16 +381,42 @@ int attention_fp32(const float* q, const float* k, const float* v, float* o, int
  *
  * with g the 3x3 filter. Summed over the input channels, the elementwise products become 16 matrix products,
  * M_q = V_q U_q (tiles x C_in times C_in x C_out), 16 multiplies where the direct convolution does 36: 2.25x fewer.
- * unet.py transforms the filters once (U = G g G^T, G its WINOGRAD_G) and does the products (torch.bmm);
- * here are the two transforms around them, which are only adds and subtracts, on channels-last tensors:
+ * unet.py keeps the transformed filters U = G g G^T and does the products (torch.bmm); here are the three
+ * transforms, the filters' once and the two around the products at every call, on channels-last tensors:
  *
- *     B^T = | 1  0 -1  0 |          A^T = | 1  1  1  0 |
- *           | 0  1  1  0 |                | 0  1 -1 -1 |
- *           | 0 -1  1  0 |
- *           | 0  1  0 -1 |
+ *     G = |  1    0    0  |     B^T = | 1  0 -1  0 |     A^T = | 1  1  1  0 |
+ *         | 1/2  1/2  1/2 |           | 0  1  1  0 |           | 0  1 -1 -1 |
+ *         | 1/2 -1/2  1/2 |           | 0 -1  1  0 |
+ *         |  0    0    1  |           | 0  1  0 -1 |
  *
  * Tiles are numbered p = (n * th + i) * tw + j, th x tw tiles an image, and each call takes np of them from p0, so
  * that unet.py bounds its scratch. Odd sizes: the last row or column of tiles reads zeros and writes half. */
+
+/* u (16, C, K) = G g G^T for the filters g (K, C, 3, 3): position q of every filter, C_in x C_out, as bmm takes it */
+void winograd_filter(const float* g, float* u, int C, int K, int threads) {
+    const long plane = (long)C * K;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int c = 0; c < C; c++) {
+        #pragma omp simd
+        for (int k = 0; k < K; k++) {  /* along the output channels: u's rows are written whole */
+            const float* f = g + ((long)k * C + c) * 9;
+            float a[4][3];  /* G g: its rows from the filter's rows f[0..2], f[3..5], f[6..8] */
+            for (int j = 0; j < 3; j++) {
+                a[0][j] = f[j];
+                a[1][j] = 0.5f * (f[j] + f[3 + j] + f[6 + j]);
+                a[2][j] = 0.5f * (f[j] - f[3 + j] + f[6 + j]);
+                a[3][j] = f[6 + j];
+            }
+            float* uk = u + (long)c * K + k;
+            for (int i = 0; i < 4; i++) {  /* (G g) G^T, row i */
+                uk[(4 * i) * plane] = a[i][0];
+                uk[(4 * i + 1) * plane] = 0.5f * (a[i][0] + a[i][1] + a[i][2]);
+                uk[(4 * i + 2) * plane] = 0.5f * (a[i][0] - a[i][1] + a[i][2]);
+                uk[(4 * i + 3) * plane] = a[i][2];
+            }
+        }
+    }
+}
 
 /* v (16, np, C) = B^T d B for the tiles p0 ... p0 + np - 1 of x (N, H, W, C); -1 where it cannot allocate */
 int winograd_input(const float* x, float* v, int N, int H, int W, int C, long p0, long np, int threads) {

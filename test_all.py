@@ -555,8 +555,9 @@ class TestUNet:
     @pytest.mark.parametrize("scratch, isa", [(16 << 20, "native"), (1, "native"), (16 << 20, "AVX2")])
     def test_winograd_convolutions_are_as_exact_as_the_direct_ones(self, request, tmp_path, monkeypatch, scratch, isa):
         # unet.Conv2d.winograd: the fp32 3x3 convolutions by F(2x2, 3x3), measured 6-9e-7 of float64 at full size
-        # (oneDNN's 2-4e-6); odd sizes, no bias, an input not channels-last; the tiles in one chunk or 64 a chunk;
-        # native.c built as for this CPU, and as for one with AVX2 alone: the transforms without the attention
+        # (oneDNN's 2-4e-6); odd sizes, no bias, an input not channels-last, filters channels-last; the tiles in one
+        # chunk or 64 a chunk; native.c built as for this CPU, and as for one with AVX2 alone: the transforms without
+        # the attention
         monkeypatch.setattr(unet, "WINOGRAD_SCRATCH", scratch)
         monkeypatch.setattr(unet, "WINOGRAD_MIN_TILES", 1)  # every size here; the bound itself is checked last
         if isa == "AVX2":
@@ -572,6 +573,8 @@ class TestUNet:
         for n, c_in, c_out, h, w, bias in ((1, 5, 7, 7, 9, True), (3, 33, 17, 5, 4, False), (2, 64, 32, 31, 17, True),
                                            (1, 4, 4, 1, 1, True), (2, 320, 64, 16, 16, True)):
             conv = unet.Conv2d(c_in, c_out, 3, padding=1, bias=bias)
+            if c_in == 64:  # filters not contiguous: transformed from a contiguous copy
+                conv.to(memory_format=torch.channels_last)
             x = torch.randn(n, c_in, h, w)
             with torch.no_grad():
                 y = conv(x)

@@ -112,6 +112,7 @@ def native_kernel():
         return None
     for f, pointers in ((kernel.winograd_input, 2), (kernel.winograd_output, 3)):
         f.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int] * 4 + [ctypes.c_long] * 2 + [ctypes.c_int]
+    kernel.winograd_filter.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3
     kernel.attention = hasattr(kernel, "attention_fp32")  # built for AVX-512
     if kernel.attention:
         for f in (kernel.attention_fp32, kernel.attention_bf16):
@@ -216,7 +217,6 @@ PREPACK = ONEDNN  # False: plain convolutions, no packed copy of their weights
 WINOGRAD = True  # False: the fp32 3x3 convolutions on oneDNN too; saves 7/9 of their weights' size (Conv2d.winograd)
 WINOGRAD_SCRATCH = 16 << 20  # bytes of transformed tiles a chunk: 2-64 MB measured alike in a step, one chunk 4% slower
 WINOGRAD_MIN_TILES = 32  # 2x2 output blocks a call; fewer: products memory-bound (1280 channels, 16 blocks: 1.04-1.4x)
-WINOGRAD_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
 
 
 def onednn_inference(x, w):
@@ -270,10 +270,12 @@ class Conv2d(nn.Conv2d):
         packed copy was (sd-v1: 3.7 GB for 2.1; BENCHMARKS.md, "Winograd convolutions in fp32")."""
         g = self.weight  # the filters
         key = ("winograd", g.data_ptr(), g._version)
-        if PACKED.get(self, (None,))[0] != key:  # U = G g G^T (native.c): kron(G, G) on each filter's nine taps
-            taps = g.permute(2, 3, 1, 0).reshape(9, -1)  # (9, C_in x C_out)
-            PACKED[self] = (key, (torch.kron(WINOGRAD_G, WINOGRAD_G) @ taps).view(16, g.shape[1], g.shape[0]))
-        u, lib, threads = PACKED[self][1], native_kernel(), torch.get_num_threads()
+        lib, threads = native_kernel(), torch.get_num_threads()
+        if PACKED.get(self, (None,))[0] != key:  # U = G g G^T (native.c), kept: (16, C_in, C_out)
+            f, u = g.detach().contiguous(), torch.empty(16, g.shape[1], g.shape[0])  # f held while C reads it
+            lib.winograd_filter(f.data_ptr(), u.data_ptr(), g.shape[1], g.shape[0], threads)
+            PACKED[self] = (key, u)
+        u = PACKED[self][1]
         x = x.contiguous(memory_format=torch.channels_last)  # (N, H, W, C) in memory
         (n, c, h, w), c_out = x.shape, u.shape[2]
         y = torch.empty(n, c_out, h, w, memory_format=torch.channels_last)
