@@ -544,6 +544,8 @@ class TestUNet:
         for size in (32, 16):  # and so does another input shape
             plain, packed = both(m, x[..., :size, :size], ctx)
             assert rel_err(packed, plain) <= 1e-5
+        with torch.no_grad():  # an unbatched image (C, H, W), as nn.Conv2d takes it
+            assert rel_err(m.conv_in(x[0]), m.conv_in(x[:1])[0]) <= 1e-5
         unet.PACKED.clear()
         m.train()
         m(x, 10, ctx).square().mean().backward()  # autograd and autocast run the plain layers
