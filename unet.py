@@ -246,8 +246,10 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x):
         w = self.weight
-        if not (onednn_inference(x, w) and PREPACK) or w.is_inference() or x.dim() != 4:  # (inference tensors
-            return super().forward(x)  # track no version) torch.compile, autograd, autocast, GPUs, unbatched: as usual
+        if not (onednn_inference(x, w) and PREPACK) or w.is_inference() or x.dim() != 4:
+            # torch.compile (which packs its own), autograd, autocast, GPUs, inference tensors (which track no
+            # version), an unbatched image: as usual
+            return super().forward(x)
         args = (self.padding, self.stride, self.dilation, self.groups)
         tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)  # Winograd's 2x2 blocks of outputs
         if WINOGRAD and x.dtype == torch.float32 and w.shape[2:] == (3, 3) and args == ((1, 1), (1, 1), (1, 1), 1) \
