@@ -251,10 +251,11 @@ class Conv2d(nn.Conv2d):
             # version), an unbatched image: as usual
             return super().forward(x)
         args = (self.padding, self.stride, self.dilation, self.groups)
-        tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)  # Winograd's 2x2 blocks of outputs
         if WINOGRAD and x.dtype == torch.float32 and w.shape[2:] == (3, 3) and args == ((1, 1), (1, 1), (1, 1), 1) \
-                and self.padding_mode == "zeros" and tiles >= WINOGRAD_MIN_TILES and native_kernel():
-            return self.winograd(x)
+                and self.padding_mode == "zeros" and native_kernel():
+            tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)  # Winograd's 2x2 output blocks
+            if tiles >= WINOGRAD_MIN_TILES:
+                return self.winograd(x, tiles)
         if not self.prepack:
             return super().forward(x)
         key = (tuple(x.shape), w.data_ptr(), w._version)  # an optimizer step or load_state_dict bumps the version
@@ -262,10 +263,10 @@ class Conv2d(nn.Conv2d):
             PACKED[self] = (key, torch.ops.mkldnn._reorder_convolution_weight(w, *args, x.shape))
         return torch.ops.mkldnn._convolution_pointwise(x, PACKED[self][1], self.bias, *args, "none", [], "")
 
-    def winograd(self, x):
+    def winograd(self, x, tiles):
         """The fp32 3x3 convolution by Winograd's F(2x2, 3x3) (native.c): per 2x2 block of outputs, 16 multiplies
         for each input and output channel where the direct convolution does 36. Its 16 matrix products are
-        torch.bmm's; native.c's transforms around them are adds. Over the input tiles in chunks of at most
+        torch.bmm's; native.c's transforms around them are adds. Over the input's `tiles` in chunks of at most
         WINOGRAD_SCRATCH bytes of products, so its scratch stays small. More exact than oneDNN's direct convolution:
         6-9e-7 of float64 at the U-Net's sizes (oneDNN's 2-4e-6). An fp32 U-Net step took 0.79-0.85 of its time on
         oneDNN (AVX2 alone: 0.83-0.84), for transformed filters 16/9 the size of the weights, kept where oneDNN's
@@ -282,7 +283,6 @@ class Conv2d(nn.Conv2d):
         (n, c, h, w), c_out = x.shape, u.shape[2]
         y = torch.empty(n, c_out, h, w, memory_format=torch.channels_last)
         bias = None if self.bias is None else self.bias.data_ptr()
-        tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
         chunk = max(64, WINOGRAD_SCRATCH // (16 * 4 * (c + c_out)))  # tiles whose transforms fit the scratch
         for p in range(0, tiles, chunk):
             k = min(chunk, tiles - p)
