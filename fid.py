@@ -16,6 +16,7 @@ mapped onto them by open_clip_to_hf().
 import argparse
 import base64
 import csv
+import io
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from convert_weights import rename  # the LDM rename rules' matcher: `{}` stands
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                  "pt_inception-2015-12-05-6726825d.pth")
 CLIP_REPO = "laion/CLIP-ViT-g-14-laion2B-s34B-b88K"  # the paper's open_clip ViT-g-14 laion2b_s34b_b88k
-IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's list
+IMAGE_SUFFIXES = {".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp"}  # pytorch-fid's, any case
 
 # -----------------------------------------------------------------------------
 # Inception-v3 as the FID graph. Mirrors pytorch-fid's FIDInception* blocks (torchvision's, patched to TF's graph).
@@ -251,9 +252,11 @@ def random_inception(seed=0):
     return model.eval()
 
 
-def load_inception(path=None, device="cpu"):
-    """The FID Inception with the published weights: `path`, else torch.hub's cache (pytorch-fid's file, if present),
-    else downloaded there by torch.hub with its hash check."""
+def inception_file(path=None):
+    """The published weights' file: `path`, else torch.hub's cache (pytorch-fid's file, if present), else downloaded
+    there by torch.hub with its hash check."""
+    if path is not None and not Path(path).is_file():
+        raise OSError(f"{path}: no such file")
     if path is None:
         path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL.rsplit("/", 1)[1]
         if not path.exists():
@@ -263,8 +266,13 @@ def load_inception(path=None, device="cpu"):
             except Exception as e:  # no network, a proxy, a bad hash: all end here
                 raise OSError(f"cannot fetch the FID Inception weights ({type(e).__name__}: {e}); download "
                               f"{INCEPTION_URL} into {path.parent}/ or pass --inception-weights PATH") from e
+    return path
+
+
+def load_inception(path=None, device="cpu"):
+    """The FID Inception with the published weights (inception_file)."""
     model = InceptionV3()
-    model.load_state_dict(convert_weights.read_file(path)[0], strict=True)
+    model.load_state_dict(convert_weights.read_file(inception_file(path))[0], strict=True)
     return model.to(device)
 
 # -----------------------------------------------------------------------------
@@ -272,11 +280,19 @@ def load_inception(path=None, device="cpu"):
 
 
 def open_rgb(path, resize=None):
-    """PIL as both tools read: grey, palette and RGBA become RGB (alpha dropped); `resize` = the paper's PIL bicubic
-    resize to resize x resize, uncropped (how real_im256.npz was made)."""
+    """PIL as both tools read: grey, palette and RGBA become RGB (alpha dropped). `resize`: what the paper's
+    change_img_size did to make real_im256.npz: PIL bicubic to resize x resize, uncropped, in the image's own mode,
+    then saved under the file's own name, so that a .jpg was JPEG-encoded again (quality 75, PIL's default) before
+    pytorch-fid read it. Here that round trip runs in memory."""
     with Image.open(path) as im:
-        im = im.convert("RGB")
-    return im.resize((resize, resize), Image.BICUBIC) if resize else im
+        im = im if resize and im.mode in ("L", "RGB") else im.convert("RGB")
+        if resize:
+            im = im.resize((resize, resize), Image.BICUBIC)
+        if resize and Path(path).suffix.lower() in (".jpg", ".jpeg"):
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=75)
+            im = Image.open(buf)
+        return im.convert("RGB")
 
 
 def read_images(files, resize=None):
@@ -331,8 +347,8 @@ def features(images, extractor, batch_size=50, num_workers=0, resize=None, progr
 
 
 def compute_stats(images_or_dir, extractor=None, batch_size=50, num_workers=0, resize=None, progress=True):
-    """(mu, sigma) of the features, float64, as pytorch-fid's calculate_activation_statistics (which takes the mean
-    in float32; we keep float64 throughout). extractor=None: pool3 of the published Inception."""
+    """(mu, sigma) of the features, float64, as pytorch-fid's calculate_activation_statistics. extractor=None:
+    pool3 of the published Inception."""
     extractor = extractor or inception_extractor(load_inception())
     act = features(images_or_dir, extractor, batch_size, num_workers, resize, progress)
     n, d = act.shape
@@ -364,8 +380,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def save_stats(path, mu, sigma):
-    """pytorch-fid's .npz (savez_compressed, keys mu and sigma), written to a temporary name and then renamed."""
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.npz")
+    """pytorch-fid's .npz (savez_compressed, keys mu and sigma), written to a temporary name and then renamed; `.npz`
+    is appended to a path without it, as numpy does."""
+    path = Path(path) if str(path).endswith(".npz") else Path(f"{path}.npz")
+    tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez_compressed(tmp, mu=mu, sigma=sigma)
     os.replace(tmp, path)
 
@@ -497,17 +515,20 @@ def clip_preprocess(image, size=224):
     return ((x - mean) / std).permute(2, 0, 1)
 
 
+def openai_tokenizer():
+    vocab = clip_text.find_openai_vocab()
+    if vocab is None:
+        raise ValueError("no CLIP vocabulary: pip install --no-deps clip-anytorch (bpe_simple_vocab_16e6.txt.gz)")
+    return clip_text.Tokenizer(vocab)
+
+
 @torch.no_grad()
 def clip_score(model, images, texts, tokenizer=None, batch_size=32):
     """Mean over pairs of cos(image, text) of L2-normalised projected features: no x100, no clamp at 0 (the paper's
     eval_clip_score.py). images: paths or PIL images; tokenizer: a clip_text.Tokenizer (default: OpenAI's vocab)."""
     if len(images) != len(texts) or not texts:
         raise ValueError(f"need one text per image, got {len(images)} images and {len(texts)} texts")
-    if tokenizer is None:
-        vocab = clip_text.find_openai_vocab()
-        if vocab is None:
-            raise ValueError("no CLIP vocabulary: pip install --no-deps clip-anytorch (bpe_simple_vocab_16e6.txt.gz)")
-        tokenizer = clip_text.Tokenizer(vocab)
+    tokenizer = tokenizer or openai_tokenizer()
     scores = []
     for i in range(0, len(texts), batch_size):
         ims = [im if isinstance(im, Image.Image) else open_rgb(im) for im in images[i:i + batch_size]]
@@ -574,28 +595,39 @@ def hf_to_open_clip(sd):
     return out
 
 
-def load_clip(name=CLIP_REPO, device="cpu", dtype=torch.float32, preset=None):
-    """A CLIP model from a weights file, a folder holding one, or a hub repo (fetched with huggingface_hub), in the
-    transformers or the open_clip layout; the preset is recognised from the vision width (1024: L/14, 1408: g/14)."""
+def clip_file(name=CLIP_REPO):
+    """The weights file of a CLIP model: `name` itself, the first of the known names in a folder, or in a hub repo
+    (fetched with huggingface_hub into its cache)."""
     path, names = Path(name), ["open_clip_model.safetensors", "model.safetensors", "open_clip_pytorch_model.bin",
                                "pytorch_model.bin"]
     if path.is_dir():
-        path = next((path / n for n in names if (path / n).exists()), path / names[0])
-    elif not path.exists():
-        import huggingface_hub
-        for n in names:
-            try:
-                path = Path(huggingface_hub.hf_hub_download(name, n))
-                break
-            except huggingface_hub.errors.LocalEntryNotFoundError as e:  # offline, and not in the cache
-                raise OSError(f"cannot fetch CLIP weights from {name}: offline, and not in the hub cache") from e
-            except huggingface_hub.errors.EntryNotFoundError:  # the repo has no such file: try the next name
-                continue
-            except Exception as e:
-                raise OSError(f"cannot fetch CLIP weights from {name} ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
-        else:
-            raise OSError(f"{name} holds none of {', '.join(names)}")
+        return next((path / n for n in names if (path / n).exists()), path / names[0])
+    if path.exists():
+        return path
+    if path.is_absolute() or name.startswith("."):  # a path, not a hub repo
+        raise OSError(f"{name}: no such file or folder")
+    import huggingface_hub
+    offline = False
+    for n in names:
+        try:
+            return Path(huggingface_hub.hf_hub_download(name, n))
+        except huggingface_hub.errors.LocalEntryNotFoundError:  # offline, and not in the cache: try the next name
+            offline = True
+        except huggingface_hub.errors.EntryNotFoundError:  # the repo has no such file: try the next name
+            continue
+        except Exception as e:
+            raise OSError(f"cannot fetch CLIP weights from {name} ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    if offline:
+        raise OSError(f"cannot fetch CLIP weights from {name}: offline, and none of {', '.join(names)} is in the "
+                      f"hub cache")
+    raise OSError(f"{name} holds none of {', '.join(names)}")
+
+
+def load_clip(name=CLIP_REPO, device="cpu", dtype=torch.float32, preset=None):
+    """A CLIP model (clip_file's) in the transformers or the open_clip layout; the preset is recognised from the
+    vision width (1024: L/14, 1408: g/14)."""
+    path = clip_file(name)
     sd = convert_weights.read_file(path, dtype)[0]
     if "visual.conv1.weight" in sd:
         sd = open_clip_to_hf(sd)
@@ -661,7 +693,8 @@ def generate(pipe, prompts, out, s, device, dtype, rank=0, world=1):
                             progress=False)
         for (name, _), im in zip(batches[b], r.pil()):  # JPEG q75, reopened, PIL bicubic to 256, JPEG again
             write_atomic(out / "im512" / name, lambda p: im.save(p, format="JPEG", quality=75))
-            small = open_rgb(out / "im512" / name, resize=256)
+            with Image.open(out / "im512" / name) as big:
+                small = big.resize((256, 256), Image.BICUBIC)
             write_atomic(out / "im256" / name, lambda p: small.save(p, format="JPEG", quality=75))
         state = dict(settings=s, next_batch=b + 1, generator=base64.b64encode(g.get_state().numpy()).decode())
         write_atomic(state_file, lambda p: p.write_text(json.dumps(state)))
@@ -678,13 +711,25 @@ def coco(args):
               + "*" * 78, file=sys.stderr)
     prompts, bad = read_prompts(args.prompts) if args.prompts else (
         [(f"{i:04d}.jpg", p) for i, p in enumerate(["a cat", "a red bus", "two dogs", "a bowl of fruit"])], 0)
-    prompts = [(Path(name).stem + ".jpg", text) for name, text in prompts[:args.limit]]  # saved as JPEG
+    named = {}  # saved as JPEG under the stem: of x.png and x.jpg, the second is a bad row (one file for two rows)
+    for name, text in prompts:
+        named.setdefault(Path(name).stem + ".jpg", text)
+    if len(named) < len(prompts):
+        print(f"{args.prompts}: skipped {len(prompts) - len(named)} row(s) whose image, saved as NAME.jpg, would "
+              f"overwrite an earlier row's", file=sys.stderr)
+    bad += len(prompts) - len(named)
+    prompts = list(named.items())[:args.limit]
     real = load_stats(args.real_stats, 2048) if args.real_stats else None  # a bad file fails now, not after hours
     if not prompts:
         sys.exit(f"error: no prompts in {args.prompts}")
     size = args.size or (64 if args.random_weights else 512)
     s = dict(prompts=str(args.prompts), weights="RANDOM" if args.random_weights else str(args.weights),
              seed=args.seed, batch=args.batch, steps=args.steps, guidance=args.guidance, size=size, world=world)
+    if world > 1:  # each rank's share of the batches depends on their count: a sharded resume keeps --limit
+        s["count"] = len(prompts)
+    if not args.random_weights and rank == 0:  # what scoring needs, found before hours of generation, not after
+        tokenizer, inception_path, clip_path = openai_tokenizer(), inception_file(args.inception_weights), \
+            clip_file(args.clip_model)
     out = Path(args.out)
     for d in ("im512", "im256"):
         (out / d).mkdir(parents=True, exist_ok=True)
@@ -699,19 +744,20 @@ def coco(args):
     if rank:
         return
     torch.manual_seed(0)  # random Inception and CLIP weights, when asked for, are the same on every run
-    inception = random_inception() if args.random_weights else load_inception(args.inception_weights)
+    inception = random_inception() if args.random_weights else load_inception(inception_path)
     inception.to(device)
-    clip = CLIPModel(CLIP_PRESETS["tiny-test"]) if args.random_weights else load_clip(args.clip_model, device)
+    clip = CLIPModel(CLIP_PRESETS["tiny-test"]) if args.random_weights else load_clip(clip_path, device)
     files = [out / "im256" / name for name, _ in prompts]
     kw = dict(batch_size=args.batch_size, num_workers=args.num_workers)
     mu, sigma = compute_stats(files, inception_extractor(inception), **kw)
     real = real or compute_stats(torch.randint(0, 256, (8, 3, 64, 64), dtype=torch.uint8),  # smoke run: noise
                                  inception_extractor(inception), progress=False)
-    logits = features(files, inception_extractor(inception, "isc"), **kw)
+    logits = features(sorted(files), inception_extractor(inception, "isc"), **kw)  # as --isc and torch-fidelity
     is_mean, is_std = inception_score(logits, splits=min(10, len(files)))  # torch-fidelity's 10, fewer in smoke runs
-    tokenizer = pipe.tokenizer if args.random_weights else None  # None: OpenAI's vocabulary, as open_clip's
+    tokenizer = pipe.tokenizer if args.random_weights else tokenizer  # else OpenAI's vocabulary, as open_clip's
     scores = dict(fid=frechet_distance(mu, sigma, *real), isc_mean=is_mean, isc_std=is_std,
-                  clip_score=clip_score(clip, files, [t for _, t in prompts], tokenizer), images=len(files),
+                  clip_score=clip_score(clip, files, [t for _, t in prompts], tokenizer, args.batch_size),
+                  images=len(files),
                   bad_prompt_rows=bad, random_weights=args.random_weights, settings=s,
                   real_stats=str(args.real_stats), clip_model="RANDOM" if args.random_weights else args.clip_model,
                   versions=dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
@@ -750,7 +796,8 @@ def main(argv=None):
         ap.add_argument("--prompts", help="metadata.csv (file_name,text) for --clip-score")
         ap.add_argument("--resize", type=int, help="PIL-bicubic-resize every image to N x N first (the paper: 256)")
     ap.add_argument("--batch-size", type=int, default=50, help="images per Inception / CLIP batch")
-    ap.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image-reading processes")
+    ap.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="image-reading processes (Inception)")
     ap.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     ap.add_argument("--inception-weights", help="pt_inception-2015-12-05-6726825d.pth (default: torch.hub's cache)")
     ap.add_argument("--clip-model", default=CLIP_REPO, help="hub repo, folder or file (transformers/open_clip layout)")
@@ -777,15 +824,15 @@ def main(argv=None):
             print("*** RANDOM Inception / CLIP weights: the numbers mean nothing ***", file=sys.stderr)
             torch.manual_seed(0)
         if args.clip_score:
-            if not args.prompts:
-                ap.error("--clip-score needs --prompts metadata.csv")
+            if not args.prompts or args.resize:  # the paper scores the im256/ files as they are
+                ap.error("--clip-score needs --prompts metadata.csv, and takes no --resize")
             prompts = read_prompts(args.prompts)[0]
             files = [Path(args.path[0]) / name for name, _ in prompts]
             missing = [f for f in files if not f.exists()]
             if missing:
                 sys.exit(f"error: {len(missing)} image(s) named in {args.prompts} are missing, e.g. {missing[0]}")
             clip = CLIPModel(CLIP_PRESETS["tiny-test"]) if args.random_weights else load_clip(args.clip_model, device)
-            return print(f"CLIP score: {clip_score(clip, files, [t for _, t in prompts]):.4f}")
+            return print(f"CLIP score: {clip_score(clip, files, [t for _, t in prompts], None, args.batch_size):.4f}")
         inception = (random_inception() if args.random_weights else load_inception(args.inception_weights)).to(device)
         if args.isc:
             logits = features(args.path[0], inception_extractor(inception, "isc"), args.batch_size,

@@ -1480,7 +1480,10 @@ def fake_hub(tmp_path, monkeypatch):
                 tree = [{"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
                         for n, b in files.items()]
                 return self.reply(200, json.dumps(tree).encode())
-            body = files["/".join(parts[4:])]  # owner/name/resolve/<commit>/<file>
+            name = "/".join(parts[4:])  # owner/name/resolve/<commit>/<file>
+            if name not in files:
+                return self.reply(404, headers=[("X-Error-Code", "EntryNotFound")])
+            body = files[name]
             self.reply(200, body, [("X-Repo-Commit", COMMIT), ("ETag", f'"{hashlib.sha1(body).hexdigest()}"')])
 
         do_HEAD = do_GET
@@ -2234,6 +2237,8 @@ class TestFID:
         m, s = fid.load_stats(tmp_path / "theirs.npz", 2048)
         assert np.array_equal(m, mu.astype(np.float32)) and np.array_equal(s, sigma)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.npz", "theirs.npz"]  # no temporary file left
+        fid.save_stats(tmp_path / "stats", mu[:4], sigma[:4, :4])  # as numpy and pytorch-fid: .npz appended
+        assert fid.load_stats(tmp_path / "stats.npz", 4)[0].tolist() == mu[:4].tolist()
         np.savez(tmp_path / "bad.npz", mu=mu[:64], sigma=sigma[:64, :64])
         with pytest.raises(ValueError, match="not 2048-d"):
             fid.load_stats(tmp_path / "bad.npz", 2048)
@@ -2253,6 +2258,32 @@ class TestFID:
         assert expected.shape == (8, 3)
         with pytest.warns(UserWarning, match="2 images < 3 feature"):
             fid.compute_stats(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), mean_colour, progress=False)
+
+    def test_resize_is_the_papers_change_img_size(self, tmp_path):
+        """--resize as the official get_stat_mscoco_val2014.py made real_im256.npz: PIL's default resize (bicubic) in
+        the image's own mode, saved under the same name (so a .jpg JPEG-encoded again), then read by pytorch-fid."""
+        src, official = tmp_path / "val2014", tmp_path / "val2014_im256"
+        official.mkdir()
+        rng = np.random.default_rng(0)
+        _fid_write_images(src, 1)  # a .png: saved losslessly
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(src / "rgb.jpg")
+        Image.fromarray(rng.integers(0, 256, (40, 30), dtype=np.uint8), "L").save(src / "grey.jpg")
+        for f in src.iterdir():
+            Image.open(f).resize((32, 32)).save(official / f.name)
+        pixels = lambda batch: torch.stack([im.double().flatten() for im in batch])
+        ours = fid.features(src, pixels, resize=32, progress=False)
+        assert ours.shape == (3, 3 * 32 * 32) and np.array_equal(ours, fid.features(official, pixels, progress=False))
+
+    def test_clip_weights_are_found_offline_under_any_known_name(self, fake_hub, monkeypatch):
+        import huggingface_hub.constants as C
+        fake_hub["repos"]["owner/clip"] = {"model.safetensors": b"weights"}
+        path = fid.clip_file("owner/clip")  # the first of the known names that the repo has
+        assert path.name == "model.safetensors" and path.read_bytes() == b"weights"
+        monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+        fake_hub["log"].clear()
+        assert fid.clip_file("owner/clip") == path and fake_hub["log"] == []  # offline: from the cache
+        with pytest.raises(OSError, match="owner/other: offline, and none of open_clip_model.safetensors, .* hub cache"):
+            fid.clip_file("owner/other")
 
     # --- CLIP --------------------------------------------------------------------------------------------------------
     @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
@@ -2352,13 +2383,21 @@ class TestFID:
             fid.main(["--isc", str(c), *common])
         assert "Inception Score" in capsys.readouterr().out
 
-    def test_cli_clip_score_and_bad_rows(self, tmp_path, capsys):
+    def test_cli_clip_score_and_bad_rows(self, tmp_path, capsys, monkeypatch):
         a = _fid_write_images(tmp_path / "a", 2)
         (tmp_path / "m.csv").write_text("file_name,text\n000.png,a cat\n001.png,\"a dog\"\n../x.png,escape\n"
                                         "002.png,a,b\n")
-        fid.main(["--clip-score", str(a), "--prompts", str(tmp_path / "m.csv"), "--random-weights"])
+        cli = ["--clip-score", str(a), "--prompts", str(tmp_path / "m.csv"), "--random-weights"]
+        fid.main(cli)
         out, err = capsys.readouterr()
         assert "CLIP score" in out and "skipped 2 bad row(s)" in err
+        with pytest.raises(SystemExit):  # the paper scores the im256/ files as they are
+            fid.main([*cli, "--resize", "256"])
+        assert "takes no --resize" in capsys.readouterr().err
+        batches = []
+        monkeypatch.setattr(fid, "clip_score", lambda model, files, texts, tok, batch_size: batches.append(batch_size) or 0.5)
+        fid.main([*cli, "--batch-size", "1"])
+        assert batches == [1]
 
 
     # --- coco --------------------------------------------------------------------------------------------------------
@@ -2417,6 +2456,48 @@ class TestFID:
         for n in names:
             assert (tmp_path / "sharded" / "im512" / n).read_bytes() == \
                 (tmp_path / "straight" / "im512" / n).read_bytes()
+
+    def test_coco_names_the_is_order_and_a_sharded_limit(self, tmp_path, monkeypatch, capsys):
+        """Images are saved as NAME.jpg, so 05.png after 05.jpg is a bad row; IS reads the images in sorted order, as
+        --isc and torch-fidelity do, whatever the prompts' order; a sharded run refuses another --limit."""
+        monkeypatch.setattr(fid, "random_inception", lambda seed=0: _FIDFakeInception(dims=64))
+        rows = [f"{i:02d}.jpg,prompt {i}" for i in range(11, -1, -1)]  # 12 images, 10 splits: one split of 3
+        (tmp_path / "m.csv").write_text("\n".join(["file_name,text", *rows, "05.png,a repeat"]))
+        run = lambda out, *more: fid.main(["coco", "--random-weights", "--prompts", str(tmp_path / "m.csv"), "--out",
+                                           str(tmp_path / out), "--steps", "1", "--batch", "4", "--num-workers", "0",
+                                           *more])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # few images: the covariance warning
+            run("one")
+        scores = json.loads((tmp_path / "one" / "scores.json").read_text())
+        assert scores["images"] == 12 and scores["bad_prompt_rows"] == 1 and "skipped 1 row(s)" in capsys.readouterr().err
+        logits = fid.features(tmp_path / "one" / "im256", fid.inception_extractor(_FIDFakeInception(dims=64), "isc"),
+                              progress=False)
+        assert [scores["isc_mean"], scores["isc_std"]] == list(fid.inception_score(logits))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")  # rank 1 generates its share and stops: no scoring
+        monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: None)
+        monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)
+        run("shard", "--limit", "4", "--batch", "1")
+        assert sorted(p.name for p in (tmp_path / "shard" / "im256").iterdir()) == ["08.jpg", "09.jpg"]
+        with pytest.raises(SystemExit, match="other settings"):
+            run("shard", "--limit", "3", "--batch", "1")
+
+    def test_coco_looks_for_what_scoring_needs_before_it_generates(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(fid.convert_weights, "load_pipeline", lambda *a, **k: pytest.fail("generation began"))
+        np.savez(tmp_path / "real.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+        (tmp_path / "m.csv").write_text("file_name,text\na.jpg,a cat\n")
+        cli = ["coco", "--prompts", str(tmp_path / "m.csv"), "--weights", str(tmp_path), "--real-stats",
+               str(tmp_path / "real.npz"), "--out", str(tmp_path / "out")]
+        monkeypatch.setattr(fid.clip_text, "find_openai_vocab", lambda: None)
+        with pytest.raises(SystemExit, match="no CLIP vocabulary"):
+            fid.main(cli)
+        monkeypatch.setattr(fid, "openai_tokenizer", lambda: None)
+        with pytest.raises(SystemExit, match="nope.pth: no such file"):
+            fid.main([*cli, "--inception-weights", str(tmp_path / "nope.pth")])
+        with pytest.raises(SystemExit, match="no-clip: no such file"):
+            fid.main([*cli, "--inception-weights", str(tmp_path / "real.npz"), "--clip-model", str(tmp_path / "no-clip")])
+        assert not (tmp_path / "out").exists()
 
     def test_cli_bad_paths_and_numbers_stop_before_any_network_loads(self, tmp_path, monkeypatch, capsys):
         for name in ("load_inception", "random_inception", "coco"):
