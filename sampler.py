@@ -27,13 +27,13 @@ import re
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
@@ -110,6 +110,15 @@ class Sampler:
         if not isinstance(n, int) or not 1 <= n <= self.N:
             raise ValueError(f"steps must be an integer in 1..{self.N}, got {n!r}")
 
+    def leading(self, k):
+        """diffusers' "leading" spacing, ascending: k timesteps N // k apart from steps_offset up. Too many steps
+        would put the last one past the schedule (1, 2, ... 1000 for k = 1000), where diffusers fails on an index."""
+        t = np.arange(k) * (self.N // k) + self.cfg.steps_offset
+        if t[-1] >= self.N:
+            raise ValueError(f"too many steps for 'leading' timesteps with steps_offset {self.cfg.steps_offset}: one "
+                             f"would be t = {t[-1]}, past the schedule's last, {self.N - 1}")
+        return t
+
     def start_at(self, i):
         """img2img: begin at the i-th timestep (diffusers' set_begin_index); returns the timesteps left."""
         self.index = i
@@ -131,7 +140,7 @@ class PNDM(Sampler):
     def set_timesteps(self, n):
         self.check_steps(n)
         self.ratio = self.N // n  # delta, the distance between timesteps
-        t = np.arange(n) * self.ratio + self.cfg.steps_offset
+        t = self.leading(n)
         # the first timestep's successor appears twice: step 2 re-does step 1 with the mean of two eps (a Heun-like
         # start that replaces PNDM's Runge-Kutta warm-up): 961, 921, 921, 881, ... 1 for n=25
         self.timesteps = torch.from_numpy(np.concatenate([t[:-1], t[-2:-1], t[-1:]])[::-1].copy())
@@ -178,7 +187,7 @@ class DDIM(Sampler):
     def set_timesteps(self, n):
         self.check_steps(n)
         self.ratio = self.N // n
-        self.timesteps = torch.from_numpy((np.arange(n) * self.ratio)[::-1] + self.cfg.steps_offset)
+        self.timesteps = torch.from_numpy(self.leading(n)[::-1].copy())
 
     def step(self, eps, t, x, generator=None):
         t = int(t)
@@ -222,7 +231,7 @@ class DPMSolverPP2M(Sampler):
         if self.spacing == "linspace":  # n+1 points from 999 to 0, the last (0) dropped: 999, 856, ... 143 for n=7
             t = np.linspace(0, self.N - 1, n + 1).round()[::-1][:-1].astype(np.int64)
         else:
-            t = (np.arange(n + 1) * (self.N // (n + 1)))[::-1][:-1] + self.cfg.steps_offset
+            t = self.leading(n + 1)[::-1][:-1]
         self.timesteps, self.sigmas = torch.from_numpy(t.copy()), sigmas_at(self.alphas_cumprod, t)
         self.index, self.x0_prev = 0, None
 
@@ -259,7 +268,7 @@ class Euler(Sampler):
         if self.spacing == "linspace":  # fractional timesteps: 999, 832.5, 666, ... for n=7
             t = np.linspace(0, self.N - 1, n, dtype=np.float32)[::-1].copy()
         else:
-            t = (np.arange(n) * (self.N // n))[::-1].astype(np.float32) + self.cfg.steps_offset
+            t = self.leading(n)[::-1].astype(np.float32)
         self.timesteps, self.sigmas, self.index = torch.from_numpy(t), sigmas_at(self.alphas_cumprod, t), 0
         # x_T ~ N(0, (sigma_max^2 + 1) I) in VE scale; diffusers takes sigma_max for "linspace" (0.23% less here)
         smax = self.sigmas.max()
@@ -366,11 +375,14 @@ def encode_prompts(pipe, prompt, negative_prompt, n, guide, device):
 
 
 def open_image(image):
-    """A path or PIL image -> RGB PIL image; an unreadable file is a ValueError that names it."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
+    """A path or PIL image -> RGB PIL image, upright (its EXIF orientation applied, as diffusers' load_image does),
+    16-bit grey scaled to 8 bits (PIL's convert would clip it at 255); an unreadable file is a ValueError that names
+    it."""
     try:
-        with Image.open(image) as im:
+        with nullcontext(image) if isinstance(image, Image.Image) else Image.open(image) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode == "I" or im.mode.startswith("I;16"):  # a 16-bit PNG opens as one or the other
+                im = Image.fromarray((np.asarray(im, np.float64) / 257).round().clip(0, 255).astype(np.uint8))
             return im.convert("RGB")
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read the init image {image}: {e}") from e
@@ -497,7 +509,8 @@ def txt2img(pipe, prompt, negative_prompt=None, steps=25, guidance=7.5, height=N
 def img2img(pipe, image, prompt, strength=0.8, **kw):
     """Image + text -> images (SDEdit, Meng et al., arXiv 2108.01073), as diffusers' StableDiffusionImg2ImgPipeline.
 
-    image: a path, a PIL image (resized down to a multiple of 64 if needed) or a (1, 3, H, W) tensor in [-1, 1].
+    image: a path, a PIL image (resized down to a multiple of 64 if needed, up to 64 if smaller) or a (1, 3, H, W)
+    tensor in [-1, 1].
     The last int(steps * strength) of the `steps` timesteps are run, from the encoded image noised to the first of
     them. strength 1 starts at the first timestep, as in diffusers: with 25 "leading" steps that is t = 961,
     where sqrt(alpha_bar) = 0.085 of the image remains. If steps * strength < 1 (strength 0, or few steps)
@@ -507,6 +520,8 @@ def img2img(pipe, image, prompt, strength=0.8, **kw):
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must lie in [0, 1], got {strength}")
     image = image if torch.is_tensor(image) else image_tensor(pipe, image)
+    if image.dim() != 4 or image.shape[:2] != (1, 3):
+        raise ValueError(f"image: one (1, 3, H, W) tensor, got {tuple(image.shape)}")
     return txt2img(pipe, prompt, init_image=image, strength=strength, **kw)
 
 # -----------------------------------------------------------------------------
@@ -551,6 +566,8 @@ def write_png(im, path, meta):
     info.add_text("parameters", f"{meta['prompt']}\nNegative prompt: {meta['negative_prompt']}\nSteps: "
                   f"{meta['steps']}, Sampler: {meta['sampler']}, CFG scale: {meta['guidance']}, Seed: {meta['seed']}, "
                   f"Size: {meta['width']}x{meta['height']}, Model: {meta['model']}"
+                  + (f", Batch size: {meta['batch_size']}, Batch pos: {meta['batch_index']}" if meta["batch_size"] > 1
+                     else "")
                   + (f", Denoising strength: {meta['strength']}" if meta["strength"] is not None else "")
                   + ("\n*** RANDOM WEIGHTS: a smoke run, not a model ***" if meta["random_weights"] else ""))
     info.add_text("minisd", json.dumps(meta))
@@ -568,7 +585,7 @@ def check_args(args, ap):
         ap.error("give a prompt or --prompts-file (one prompt a line), not both")
     try:
         prompts = [args.prompt] if args.prompts_file is None else \
-            [p for p in Path(args.prompts_file).read_text().splitlines() if p.strip()]
+            [p for p in Path(args.prompts_file).read_text(encoding="utf-8-sig").splitlines() if p.strip()]
         init = open_image(args.init_image) if args.init_image else None
     except (OSError, ValueError) as e:
         ap.error(str(e))
@@ -605,7 +622,8 @@ def check_args(args, ap):
 def load_model(args, device, dtype):
     """--random-weights, --weights, or the default model from the Hugging Face cache, fetched on first use."""
     if args.random_weights:
-        print("*" * 80 + f"\n*** SMOKE RUN: a {args.preset} U-Net with RANDOM weights, {args.height}x{args.width}. The "
+        size = f"{args.height}x{args.width}" if args.height else "the init image's size"
+        print("*" * 80 + f"\n*** SMOKE RUN: a {args.preset} U-Net with RANDOM weights, {size}. The "
               "images are noise:\n*** this checks that the code runs, offline, in seconds; it is not a model.\n"
               + "*" * 80, file=sys.stderr)
         return random_pipeline(args.preset).to(device, dtype)
@@ -624,9 +642,12 @@ def load_model(args, device, dtype):
 def main(args, ap):
     unet.keep_freed_memory()  # this process is ours: no page faults on every step's activations
     unet.PREPACK = unet.PREPACK and not args.low_memory  # no packed or transformed copy: plain convolutions
-    if args.random_weights:  # small by default: the smoke run is about the code path, not the picture
+    sized = args.height or args.width  # with --init-image: the image is resized to the size asked for
+    if args.random_weights and not (args.init_image and not sized):  # the smoke run is about the code, not the picture
         args.height, args.width = args.height or 128, args.width or 128
     prompts, init, device, dtype, seed = check_args(args, ap)
+    if init and sized:
+        init = init.resize((args.width or init.width, args.height or init.height), Image.LANCZOS)
     pipe = load_model(args, device, dtype)
     # generate batch by batch (batch k uses seed + k) and write each image once it is complete
     out, times, k = Path(args.out), {}, 0
@@ -642,6 +663,7 @@ def main(args, ap):
         times = {s: times.get(s, 0.0) + v for s, v in r.times.items()}
         for j, im in enumerate(r.pil()):
             meta = dict(prompt=batch[j // args.n], negative_prompt=args.negative, seed=r.seed, batch_index=j,
+                        batch_size=len(batch) * args.n,  # the noise of image j is a slice of the batch's one draw
                         steps=args.steps, sampler=args.sampler, guidance=args.guidance, height=im.height,
                         width=im.width, model=str(pipe.name), dtype=str(dtype)[6:],
                         strength=args.strength if init else None, random_weights=args.random_weights)
@@ -670,7 +692,7 @@ def parser():
     ap.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 turns it off")
     ap.add_argument("--seed", type=int, help="default or -1: random (printed, and stored in the PNG metadata)")
     ap.add_argument("--negative", default="", help="negative prompt")
-    ap.add_argument("--height", type=int, help="default: the model's (512 for SD v1)")
+    ap.add_argument("--height", type=int, help="default: the model's (512 for SD v1); with --init-image: resize it")
     ap.add_argument("--width", type=int)
     ap.add_argument("--n", type=int, default=1, help="images per prompt")
     ap.add_argument("--prompts-file", help="one prompt a line, instead of the prompt argument")

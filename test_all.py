@@ -977,6 +977,8 @@ class TestVAE:
         assert out.returncode == 0, out.stderr
         assert "RANDOM weights" in out.stdout and "334,383 parameters" in out.stdout
         assert "-> (1, 3, 64, 64)" in out.stdout
+        out = run_cli("vae.py", "--preset", "tiny-test", "--random-weights", "--size", "100")
+        assert out.returncode == 2 and "--size must be a positive multiple of 8, got 100" in out.stderr
 
 
 # -----------------------------------------------------------------------------
@@ -1658,6 +1660,17 @@ class TestSampler:
         s.set_timesteps(25)
         assert s.timesteps[:4].tolist() == [961, 921, 921, 881] and s.timesteps[-1] == 1 and len(s.timesteps) == 26
 
+    @pytest.mark.parametrize("name", list(SAMPLERS))
+    def test_too_many_leading_steps_are_refused(self, name):
+        """"leading" with steps_offset 1: 1000 steps would end at t = 1000, past the schedule (diffusers fails on an
+        index there); DPM-Solver spaces n + 1 points, so it takes one step fewer."""
+        s = SAMPLERS[name](SamplerConfig(timestep_spacing="leading"))
+        most = 998 if name == "dpm++2m" else 999
+        s.set_timesteps(most)
+        assert int(s.timesteps.max()) == 999
+        with pytest.raises(ValueError, match="too many steps for 'leading' timesteps"):
+            s.set_timesteps(most + 1)
+
     def test_ddim_with_the_true_noise_recovers_x0_at_every_step(self):
         torch.manual_seed(0)
         s = DDIM()
@@ -1793,6 +1806,8 @@ class TestSampler:
             assert ours.unet.calls == [251.0, 1.0]
             with pytest.raises(ValueError, match="strength"):
                 sampler.img2img(ours, init, "x", strength=1.5)
+            with pytest.raises(ValueError, match=r"one \(1, 3, H, W\) tensor, got \(2, 3, 64, 64\)"):
+                sampler.img2img(ours, init.repeat(2, 1, 1, 1), "x")
         finally:
             ours.unet = unet
 
@@ -1861,11 +1876,12 @@ class TestCLI:
         meta = json.loads(im.text["minisd"])
         assert meta["prompt"] == "a red cube" and meta["negative_prompt"] == "blurry" and meta["seed"] == 42
         assert meta["steps"] == 3 and meta["sampler"] == "pndm" and meta["guidance"] == 7.5 and meta["batch_index"] == 1
-        assert meta["random_weights"] and "RANDOM WEIGHTS" in meta["model"]
+        assert meta["random_weights"] and "RANDOM WEIGHTS" in meta["model"] and meta["batch_size"] == 2
         assert im.text["parameters"].startswith("a red cube\nNegative prompt: blurry\nSteps: 3, Sampler: pndm")
+        assert ", Batch size: 2, Batch pos: 1" in im.text["parameters"]  # A1111's fields: one draw for the batch
 
     def test_cli_prompts_file_img2img_into_a_folder(self, tmp_path):
-        (tmp_path / "prompts.txt").write_text("a cat\n\na dog, at night\n")
+        (tmp_path / "prompts.txt").write_text("\ufeffa cat\n\na dog, at night\n")  # a BOM, as Windows tools write
         Image.new("RGB", (70, 64), (200, 30, 30)).save(tmp_path / "init.png")  # 70 wide: resized to 64
         out = run_cli("sampler.py", "--prompts-file", str(tmp_path / "prompts.txt"), "--random-weights", "--steps", "4",
                       "--sampler", "ddim", "--init-image", str(tmp_path / "init.png"), "--strength", "0.5",
@@ -1875,6 +1891,23 @@ class TestCLI:
         assert files == ["0000_a_cat.png", "0001_a_dog_at_night.png"]
         meta = json.loads(Image.open(tmp_path / "out" / files[1]).text["minisd"])
         assert meta["seed"] == 1 and meta["strength"] == 0.5 and meta["width"] == 64  # batch k uses seed + k
+        assert json.loads(Image.open(tmp_path / "out" / files[0]).text["minisd"])["prompt"] == "a cat"
+
+    def test_init_image_upright_16_bit_and_resized_to_the_size_asked(self, tmp_path):
+        exif = Image.Exif()
+        exif[0x0112] = 6  # Orientation: stored 96 wide and 64 high, shown turned by 90 degrees
+        pixels = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / "turned.jpg", exif=exif)
+        ours = sampler.open_image(tmp_path / "turned.jpg")
+        ref = pytest.importorskip("diffusers").utils.load_image(str(tmp_path / "turned.jpg"))
+        assert ours.size == (64, 96) and np.array_equal(np.asarray(ours), np.asarray(ref))
+        Image.fromarray((np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)).save(tmp_path / "grey16.png")
+        grey = np.asarray(sampler.open_image(tmp_path / "grey16.png"))  # PIL's convert alone clips at 255
+        assert np.array_equal(grey, np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2))
+        out = run_cli("sampler.py", "a cat", "--random-weights", "--steps", "2", "--init-image",
+                      str(tmp_path / "turned.jpg"), "--height", "64", "--width", "128", "--out", str(tmp_path / "o.png"))
+        assert out.returncode == 0, out.stderr
+        assert Image.open(tmp_path / "o.png").size == (128, 64)
 
     def test_cli_bad_input_is_a_clear_error_and_writes_nothing(self, tmp_path, capsys):
         base = ["a cat", "--random-weights", "--out", str(tmp_path / "x.png")]

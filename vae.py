@@ -274,6 +274,8 @@ if __name__ == "__main__":
     ap.add_argument("--tile_size", type=int, default=None, help="decode in latent tiles of this side")
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "tiled"])
     args = ap.parse_args()
+    if args.size < 8 or args.size % 8:
+        ap.error(f"--size must be a positive multiple of 8, got {args.size}")
     torch.manual_seed(0)
     model = AutoencoderKL(replace(PRESETS[args.preset], attention=args.attention)).eval()
     n = lambda *ms: f"{sum(p.numel() for mod in ms for p in mod.parameters()):,}"
