@@ -21,8 +21,10 @@ Extension points (not done): SD 2.x OpenCLIP single files (`cond_stage_model.mod
 """
 import argparse
 import json
+import os
 import pickle
 import re
+import shutil
 import sys
 import zipfile
 from collections import Counter, defaultdict, namedtuple
@@ -513,15 +515,19 @@ def group(keys):
 
 
 def read_configs(path, parts, arch=None):
-    """Each present component's config: a diffusers folder's config.json, else (single files) --arch for the
-    U-Net, else the configs to_single_file() stores in the metadata, else inferred from the shapes."""
+    """Each present component's config: its config.json in a diffusers folder (or in one model's folder, unet/),
+    else --arch for the U-Net, else the configs our exports store in a file's metadata, else inferred from the
+    shapes."""
     path, cfgs, meta = Path(path), {}, {}
-    if path.suffix == ".safetensors":  # the header again: load_state_dict_any() returns the tensors only
-        with safe_open(path, framework="pt") as f:
+    pipeline = is_diffusers_folder(path)
+    file = weight_files(path)[0] if path.is_dir() and not pipeline else path
+    if file.suffix == ".safetensors":  # the header again: load_state_dict_any() returns the tensors only
+        with safe_open(file, framework="pt") as f:
             meta = f.metadata() or {}
     for c in parts:
-        if is_diffusers_folder(path) and (path / c / "config.json").exists():
-            d = json.loads((path / c / "config.json").read_text())
+        own = path / c / "config.json" if pipeline else path / "config.json"  # a file's: path/config.json is none
+        if own.is_file() and (pipeline or len(parts) == 1):
+            d = json.loads(own.read_text())
             # field names match diffusers' AutoencoderKL and transformers' CLIPTextConfig; absent ones default
             cfgs[c] = UNetConfig.from_diffusers(d) if c == "unet" else config_from_dict(KINDS[c].config, d)
         elif c == "unet" and arch:
@@ -534,9 +540,17 @@ def read_configs(path, parts, arch=None):
 
 
 def read_scheduler(path):
-    """A diffusers folder's scheduler config, else SD v1's PNDM config (a single file carries none)."""
-    f = Path(path) / "scheduler" / "scheduler_config.json"
-    return json.loads(f.read_text()) if f.is_file() else dict(SD_V1_SCHEDULER)
+    """A diffusers folder's scheduler config, else the one to_single_file() stores in its metadata, else SD v1's PNDM
+    config (an original single file carries none)."""
+    path = Path(path)
+    if (path / "scheduler" / "scheduler_config.json").is_file():
+        return json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+        if "minisd_scheduler_config" in meta:
+            return json.loads(meta["minisd_scheduler_config"])
+    return dict(SD_V1_SCHEDULER)
 
 # -----------------------------------------------------------------------------
 # load_pipeline: meta-device models, tensors converted one at a time, assigned without a copy
@@ -619,7 +633,10 @@ def parts_and_configs(src, components, configs=None, path=""):
     missing = [c for c in components if c not in parts]
     if missing:
         raise ValueError(f"{path}: no {missing} weights to export (found {sorted(parts)})")
-    return {c: parts[c] for c in components}, {c: configs.get(c) or infer_config(c, parts[c], path) for c in components}
+    cfgs = {c: configs.get(c) or infer_config(c, parts[c], path) for c in components}
+    for c in components:  # never write a config that does not fit its weights: the error names the keys
+        check_keys(c, cfgs[c], parts[c], path)
+    return {c: parts[c] for c in components}, cfgs
 
 
 def prepare(t, dtype):
@@ -627,45 +644,67 @@ def prepare(t, dtype):
     return t.contiguous()  # safetensors refuses views (sd.cpp's BK note)
 
 
-def to_single_file(src, path, dtype=None, components=COMPONENTS, configs=None):
+def to_single_file(src, path, dtype=None, components=COMPONENTS, configs=None, scheduler_config=None):
     """Write the LDM single-file layout (model.diffusion_model., first_stage_model. with 1x1-conv attention,
-    cond_stage_model.transformer.text_model.) as safetensors, our configs stored as metadata.
-    src: a Pipeline or a load_state_dict_any() dict (then configs: {component: config}, else inferred)."""
+    cond_stage_model.transformer.text_model.) as safetensors, our configs and a whole pipeline's scheduler config
+    stored as metadata. src: a Pipeline or a load_state_dict_any() dict (then configs: {component: config}, else
+    inferred)."""
+    if Path(path).suffix != ".safetensors":  # a .ckpt name would make readers take it for a pickle
+        raise ValueError(f"{path}: a single file is written as safetensors: name it .safetensors")
     parts, cfgs = parts_and_configs(src, components, configs, path)
     prefix = {c: p for p, c, layout in PREFIXES if layout}  # the LDM rows of PREFIXES
     to_ldm = {"unet": unet_to_ldm, "vae": vae_to_ldm, "text_encoder": dict}  # CLIP keeps HF's names in LDM files
     out = {}
     for c in components:
         out.update({prefix[c] + k: prepare(v, dtype) for k, v in to_ldm[c](parts[c]).items()})
-    save_file(out, str(path), metadata=config_metadata(cfgs))
+    meta = config_metadata(cfgs)
+    if set(components) == set(COMPONENTS):
+        sched = (src.scheduler_config if isinstance(src, Pipeline) else scheduler_config) or SD_V1_SCHEDULER
+        meta["minisd_scheduler_config"] = json.dumps(sched)
+    save_file(out, str(path), metadata=meta)  # safetensors writes a temporary file and renames it
 
 
 def to_diffusers(src, folder, dtype=None, components=COMPONENTS, configs=None, tokenizer=None, scheduler_config=None):
     """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder/, scheduler/, and tokenizer/ from a
-    Pipeline's tokenizer or the clip_text.Tokenizer given) that diffusers' from_pretrained loads."""
+    Pipeline's tokenizer or the clip_text.Tokenizer given) that diffusers' from_pretrained loads. Each subfolder is
+    written whole under a temporary name and renamed into place once all are: a failed export changes nothing."""
     folder = Path(folder)
     parts, cfgs = parts_and_configs(src, components, configs, folder)
+    staged = lambda name: folder / f".{name}.tmp"
+    for name in [*components, "scheduler", "tokenizer"]:
+        shutil.rmtree(staged(name), ignore_errors=True)  # left by an export that failed
     for c in components:
-        (folder / c).mkdir(parents=True, exist_ok=True)
-        (folder / c / "config.json").write_text(json.dumps(KINDS[c].to_json(cfgs[c]), indent=2))
-        save_file({k: prepare(v, dtype) for k, v in parts[c].items()}, str(folder / c / WEIGHTS[c][0]),
+        staged(c).mkdir(parents=True)
+        (staged(c) / "config.json").write_text(json.dumps(KINDS[c].to_json(cfgs[c]), indent=2))
+        save_file({k: prepare(v, dtype) for k, v in parts[c].items()}, str(staged(c) / WEIGHTS[c][0]),
                   metadata=config_metadata({c: cfgs[c]}))
-    if set(components) != set(COMPONENTS):
-        return  # some models, not a pipeline: no scheduler/, tokenizer/ or model_index.json
-    (folder / "scheduler").mkdir(exist_ok=True)
-    sched = src.scheduler_config if isinstance(src, Pipeline) else scheduler_config or SD_V1_SCHEDULER
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+    whole = set(components) == set(COMPONENTS)  # else some models, not a pipeline: no scheduler/, tokenizer/, index
+    sched = (src.scheduler_config if isinstance(src, Pipeline) else scheduler_config) or SD_V1_SCHEDULER
     tok = src.tokenizer if isinstance(src, Pipeline) else tokenizer
-    if tok is not None:
-        tok.save(folder / "tokenizer")
-    else:
-        note(f"{folder}: no tokenizer given: the diffusers folder gets no tokenizer/")
+    if whole:
+        staged("scheduler").mkdir()
+        (staged("scheduler") / "scheduler_config.json").write_text(json.dumps(sched, indent=2))
+        if tok is not None:
+            tok.save(staged("tokenizer"))
+        else:
+            note(f"{folder}: no tokenizer given: the diffusers folder gets no tokenizer/")
+    for name in [*components, "scheduler", "tokenizer"]:  # all written: now only renames
+        if staged(name).exists():
+            old = folder / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if (folder / name).exists():
+                os.replace(folder / name, old)
+            os.replace(staged(name), folder / name)
+            shutil.rmtree(old, ignore_errors=True)
+    if not whole:
+        return
     index = dict(_class_name="StableDiffusionPipeline", unet=["diffusers", "UNet2DConditionModel"],
                  vae=["diffusers", "AutoencoderKL"], text_encoder=["transformers", "CLIPTextModel"],
                  tokenizer=["transformers", "CLIPTokenizer"] if tok else [None, None],
                  scheduler=["diffusers", sched.get("_class_name", "PNDMScheduler")],
                  safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    (folder / ".model_index.json.tmp").write_text(json.dumps(index, indent=2))
+    os.replace(folder / ".model_index.json.tmp", folder / "model_index.json")
 
 
 # -----------------------------------------------------------------------------
@@ -690,6 +729,8 @@ def snapshot(repo_id, patterns, local_only=False):
     except errors.GatedRepoError:
         raise PermissionError(f"{repo_id} is gated: accept its licence on https://huggingface.co/{repo_id} and set "
                               "HF_TOKEN to an access token (https://huggingface.co/settings/tokens)") from None
+    except errors.HFValidationError:  # a mistyped path, say
+        raise FileNotFoundError(f"{repo_id}: no such file or folder, and not a Hugging Face repo id") from None
     except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError):
         raise FileNotFoundError(f"{repo_id} not found on the Hugging Face Hub (a private repo needs HF_TOKEN)") \
             from None
@@ -764,7 +805,7 @@ if __name__ == "__main__":
             tok = find_tokenizer(src, cfgs["text_encoder"].hidden_size, args.tokenizer) if whole else None
             to_diffusers(sd, args.out, dtype, comps, cfgs, tok, read_scheduler(src))
         else:
-            to_single_file(sd, args.out, dtype, comps, cfgs)
-    except (ValueError, OSError) as e:  # the messages are written for people (the fetch errors are OSErrors)
+            to_single_file(sd, args.out, dtype, comps, cfgs, read_scheduler(src))
+    except (ValueError, OSError, SafetensorError) as e:  # the messages are written for people (fetch: OSErrors)
         sys.exit(f"error: {e}")
     print(f"wrote {args.out} ({args.to}, {', '.join(comps)})")

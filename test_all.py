@@ -1313,6 +1313,59 @@ class TestConvert:
         text = {k.removeprefix("text_model."): v for k, v in p.text_encoder.state_dict().items()}
         assert_same_tensors({k: v for k, v in ref.text_encoder.state_dict().items() if k in text}, text)
 
+    def test_a_model_folder_alone_keeps_its_config(self, tmp_path):
+        """unet/ given alone (not its pipeline): its config.json, not a guess from the shapes (heads cannot be seen)"""
+        cfg = replace(unet.PRESETS["tiny-test"], num_heads=(1, 1, 1, 1))
+        torch.manual_seed(0)
+        cw.to_diffusers({f"unet.{k}": v for k, v in unet.UNet(cfg).state_dict().items()}, tmp_path / "p",
+                        components=("unet",), configs={"unet": cfg})
+        folder = tmp_path / "p" / "unet"
+        parts, config = cw.split_components(cw.load_state_dict_any(folder)), (folder / "config.json").read_text()
+        (folder / "config.json").unlink()  # our metadata in its weights file
+        assert cw.read_configs(folder, parts)["unet"] == cfg
+        (folder / "config.json").write_text(config)  # config.json, and weights without metadata (diffusers' own)
+        weights = folder / "diffusion_pytorch_model.safetensors"
+        save_file(load_file(weights), weights)
+        assert cw.read_configs(folder, parts)["unet"] == cfg
+
+    def test_exports_are_whole_checked_and_keep_the_scheduler(self, tiny_parts, tmp_path, monkeypatch):
+        sd, cfgs = tiny_parts
+        pipe = sampler.random_pipeline("tiny-test")  # scheduler_config {}: SD v1's schedule, written out as such
+        cw.to_diffusers(pipe, tmp_path / "d")
+        assert json.loads((tmp_path / "d" / "scheduler" / "scheduler_config.json").read_text()) == cw.SD_V1_SCHEDULER
+        before = {p: p.read_bytes() for p in (tmp_path / "d").rglob("*") if p.is_file()}
+        real_save, calls = cw.save_file, []
+
+        def full_disk(*a, **k):  # the second model's weights fail to write
+            calls.append(1)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+            return real_save(*a, **k)
+        monkeypatch.setattr(cw, "save_file", full_disk)
+        torch.manual_seed(1)
+        other = replace(pipe, unet=unet.UNet(pipe.unet_cfg))
+        with pytest.raises(OSError, match="No space"):
+            cw.to_diffusers(other, tmp_path / "d")
+        after = {p: p.read_bytes() for p in (tmp_path / "d").rglob("*") if p.is_file() and ".tmp" not in str(p)}
+        assert after == before  # the old pipeline whole, not a new U-Net beside an old VAE
+        monkeypatch.setattr(cw, "save_file", real_save)
+        cw.to_diffusers(other, tmp_path / "d")  # a later export replaces it, and leaves no temporary folder
+        assert_same_tensors(cw.load_pipeline(tmp_path / "d").unet.state_dict(), other.unet.state_dict())
+        assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["model_index.json", "scheduler", "text_encoder",
+                                                                      "tokenizer", "unet", "vae"]
+        v = replace(pipe, scheduler_config={**cw.SD_V1_SCHEDULER, "prediction_type": "v_prediction"})
+        cw.to_single_file(v, tmp_path / "v.safetensors")  # the scheduler travels in the metadata
+        assert cw.read_scheduler(tmp_path / "v.safetensors")["prediction_type"] == "v_prediction"
+        with pytest.raises(ValueError, match="name it .safetensors"):  # a .ckpt name would read as a pickle
+            cw.to_single_file(v, tmp_path / "v.ckpt")
+        with pytest.raises(ValueError, match=r"missing \(\d+\)"):  # weights that do not fit the config: nothing written
+            cw.to_single_file(sd, tmp_path / "wrong.safetensors", components=("unet",),
+                              configs={"unet": unet.PRESETS["toy"]})
+        assert not (tmp_path / "wrong.safetensors").exists() and not (tmp_path / "v.ckpt").exists()
+        assert cw.cached("runs/bk-smal/final") is None  # a mistyped path is not a repo id: no traceback
+        with pytest.raises(FileNotFoundError, match="not a Hugging Face repo id"):
+            cw.download("runs/bk-smal/final")
+
     # --- safety and clear errors
 
     def test_malicious_pickle_is_refused_and_nothing_runs(self, tmp_path):
@@ -1408,10 +1461,16 @@ class TestConvert:
         assert UNetConfigFromJson(tmp_path / "out" / "unet" / "config.json") == cfgs["unet"]
         assert not (tmp_path / "out" / "vae").exists()
 
-    def test_cli_errors_are_one_line_and_download_is_wired(self, tmp_path):
+    def test_cli_errors_are_one_line_and_download_is_wired(self, tiny_parts, tmp_path):
         run = run_cli("convert_weights.py", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path / "o"))
         assert run.returncode == 1
         assert run.stderr.strip() == f"error: {tmp_path / 'missing.ckpt'}: no such file or folder"
+        torch.save({"state_dict": ldm_file_dict(tiny_parts[0])}, tmp_path / "in.ckpt")
+        (tmp_path / "taken.safetensors").mkdir()  # an output the writer cannot create: one line, no traceback
+        run = run_cli("convert_weights.py", str(tmp_path / "in.ckpt"), "--out", str(tmp_path / "taken.safetensors"),
+                      "--component", "unet")
+        assert run.returncode == 1 and "error: " in run.stderr and "I/O error" in run.stderr
+        assert "Traceback" not in run.stderr
         # nothing listens at port 9: refused at once, as offline
         env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"))
         run = run_cli("convert_weights.py", "download", "nota-ai/bk-sdm-small", env=env, timeout=120)
@@ -1905,7 +1964,8 @@ class TestCLI:
         grey = np.asarray(sampler.open_image(tmp_path / "grey16.png"))  # PIL's convert alone clips at 255
         assert np.array_equal(grey, np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2))
         out = run_cli("sampler.py", "a cat", "--random-weights", "--steps", "2", "--init-image",
-                      str(tmp_path / "turned.jpg"), "--height", "64", "--width", "128", "--out", str(tmp_path / "o.png"))
+                      str(tmp_path / "turned.jpg"), "--height", "64", "--width", "128", "--out",
+                      str(tmp_path / "o.png"))
         assert out.returncode == 0, out.stderr
         assert Image.open(tmp_path / "o.png").size == (128, 64)
 
@@ -2315,7 +2375,7 @@ class TestFID:
         monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
         fake_hub["log"].clear()
         assert fid.clip_file("owner/clip") == path and fake_hub["log"] == []  # offline: from the cache
-        with pytest.raises(OSError, match="owner/other: offline, and none of open_clip_model.safetensors, .* hub cache"):
+        with pytest.raises(OSError, match="owner/other: offline, and none of open_clip_model.safetensors, .* cache"):
             fid.clip_file("owner/other")
 
     # --- CLIP --------------------------------------------------------------------------------------------------------
@@ -2428,7 +2488,8 @@ class TestFID:
             fid.main([*cli, "--resize", "256"])
         assert "takes no --resize" in capsys.readouterr().err
         batches = []
-        monkeypatch.setattr(fid, "clip_score", lambda model, files, texts, tok, batch_size: batches.append(batch_size) or 0.5)
+        monkeypatch.setattr(fid, "clip_score", lambda model, files, texts, tok, batch_size: batches.append(batch_size)
+                            or 0.5)
         fid.main([*cli, "--batch-size", "1"])
         assert batches == [1]
 
@@ -2503,7 +2564,8 @@ class TestFID:
             warnings.simplefilter("ignore")  # few images: the covariance warning
             run("one")
         scores = json.loads((tmp_path / "one" / "scores.json").read_text())
-        assert scores["images"] == 12 and scores["bad_prompt_rows"] == 1 and "skipped 1 row(s)" in capsys.readouterr().err
+        assert scores["images"] == 12 and scores["bad_prompt_rows"] == 1
+        assert "skipped 1 row(s)" in capsys.readouterr().err
         logits = fid.features(tmp_path / "one" / "im256", fid.inception_extractor(_FIDFakeInception(dims=64), "isc"),
                               progress=False)
         assert [scores["isc_mean"], scores["isc_std"]] == list(fid.inception_score(logits))
@@ -2529,7 +2591,8 @@ class TestFID:
         with pytest.raises(SystemExit, match="nope.pth: no such file"):
             fid.main([*cli, "--inception-weights", str(tmp_path / "nope.pth")])
         with pytest.raises(SystemExit, match="no-clip: no such file"):
-            fid.main([*cli, "--inception-weights", str(tmp_path / "real.npz"), "--clip-model", str(tmp_path / "no-clip")])
+            fid.main([*cli, "--inception-weights", str(tmp_path / "real.npz"), "--clip-model",
+                      str(tmp_path / "no-clip")])
         assert not (tmp_path / "out").exists()
 
     def test_cli_bad_paths_and_numbers_stop_before_any_network_loads(self, tmp_path, monkeypatch, capsys):
