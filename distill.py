@@ -17,6 +17,7 @@ Extension points: other removal patterns (--student-config), LoRA students, othe
 """
 import argparse
 import csv
+import hashlib
 import io
 import json
 import math
@@ -179,7 +180,7 @@ def ema_update(ema, model, n):
 def read_metadata_csv(folder):
     """-> records and the count of malformed rows (wrong field count, empty file name or caption)."""
     records, bad = [], 0
-    with open(folder / "metadata.csv", newline="", encoding="utf-8", errors="replace") as f:
+    with open(folder / "metadata.csv", newline="", encoding="utf-8-sig", errors="replace") as f:  # -sig: a BOM
         rows = csv.reader(line.replace("\0", "") for line in f)  # a NUL byte would stop the csv module
         header = [h.strip() for h in next(rows, [])]
         if "file_name" not in header or "text" not in header:
@@ -284,15 +285,23 @@ class Stream:
 
 class LatentCache:
     """--cache-latents: each image's VAE moments (mean, std; and its flipped twin's) and its caption's text states,
-    in safetensors shards of 1,000 samples, so that training runs neither the VAE encoder nor the text encoder."""
+    in safetensors shards of 1,000 samples, so that training runs neither the VAE encoder nor the text encoder.
+    Each shard stores a fingerprint of what made it: its records, the size, the precision and the encoders' weights
+    (both flips are always cached); a shard from other data or settings is made again, an equal one is kept."""
     N = 1000
 
-    def __init__(self, folder, records, parts, amp, rank, world):
+    def __init__(self, folder, records, parts, amp, rank, world, dtype):
         self.folder, self.shards = Path(folder), {}
         self.folder.mkdir(parents=True, exist_ok=True)
+        made, rebuilt = hashlib.sha256(f"{parts.size} {dtype}".encode()), 0
+        for v in (*parts.vae.state_dict().values(), *parts.text_encoder.state_dict().values()):  # the weights (fp32)
+            made.update(v.detach().float().cpu().numpy().tobytes())  # whatever name or path they were loaded from
         for s in range(rank, math.ceil(len(records) / self.N), world):  # each rank writes its share of the shards
-            if (self.folder / f"{s:06d}.safetensors").is_file():
+            fp = hashlib.sha256(made.digest() + repr(records[s * self.N:(s + 1) * self.N]).encode()).hexdigest()
+            path = self.folder / f"{s:06d}.safetensors"
+            if path.is_file() and (safe_open(str(path), "pt").metadata() or {}).get("fingerprint") == fp:
                 continue  # written before the run was interrupted
+            rebuilt += path.is_file()
             rows = {k: [] for k in ("mean", "std", "mean_flip", "std_flip", "context", "ok")}
             for recs in (records[b:b + 8] for b in range(s * self.N, min((s + 1) * self.N, len(records)), 8)):
                 xs = [load_image(r, parts.size) for r in recs]
@@ -305,8 +314,11 @@ class LatentCache:
                     rows["context"].append(parts.text_encoder(parts.tokenizer([r[3] for r in recs]).to(parts.device)))
                 rows["ok"].append(torch.tensor([v is not None for v in xs]))
             tmp = self.folder / f"{s:06d}.tmp"
-            save_file({k: torch.cat(v).float().cpu().contiguous() for k, v in rows.items()}, str(tmp))
-            os.replace(tmp, self.folder / f"{s:06d}.safetensors")
+            save_file({k: torch.cat(v).float().cpu().contiguous() for k, v in rows.items()}, str(tmp),
+                      metadata={"fingerprint": fp})
+            os.replace(tmp, path)
+        if rebuilt:
+            print(f"{self.folder}: made {rebuilt} shards again (from other data or settings)", file=sys.stderr)
 
     def load(self, i):
         """Sample i's (mean, std, mean_flip, std_flip, context); None when its image was unreadable."""
@@ -379,6 +391,12 @@ def kd_step(student, teacher, taps, micro_batches, accum, opt, scaler, amp, max_
 #    written under a temporary name and renamed: a run killed at any moment leaves no partial file
 
 
+def checkpoints(folder):
+    """{step: path} of a run folder's checkpoint-XXXXXXXX.safetensors files: steps by number, not names by sort."""
+    found = {p.stem.removeprefix("checkpoint-"): p for p in Path(folder).glob("checkpoint-*.safetensors")}
+    return {int(k): p for k, p in found.items() if k.isdigit()}
+
+
 def save_checkpoint(path, student, ema, opt, scaler, state):
     tensors = {f"student.{k}": v for k, v in unwrap(student).state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
@@ -392,14 +410,24 @@ def save_checkpoint(path, student, ema, opt, scaler, state):
     os.replace(f"{path}.tmp", path)
 
 
-def load_checkpoint(path, student, ema, opt, scaler):
-    """Restore weights, EMA, optimizer and loss scaler; return the run state (step, data positions, RNG states)."""
-    found = Path(path) if Path(path).is_file() else max(Path(path).glob("checkpoint-*.safetensors"), default=None)
-    try:
-        with safe_open(str(found), "pt") as f:
-            meta, sd = json.loads(f.metadata()["minisd"]), {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # no checkpoint, or not one of ours: say which and why, in one line
-        raise SystemExit(f"error: --resume {path}: no readable distill.py checkpoint ({type(e).__name__}: {e})")
+def load_checkpoint(path, student, ema, opt, scaler, run):
+    """Restore weights, EMA, optimizer and loss scaler from the file or a folder's newest readable checkpoint (a
+    corrupt one is skipped with a warning) if its settings equal `run`; return the step, data positions, RNG state."""
+    path = Path(path)
+    for found in [path] if path.is_file() else [p for _, p in sorted(checkpoints(path).items())[::-1]]:
+        try:
+            with safe_open(str(found), "pt") as f:
+                meta, sd = json.loads(f.metadata()["minisd"]), {k: f.get_tensor(k) for k in f.keys()}
+            break
+        except Exception as e:  # truncated, or not one of ours: say which and why, in one line
+            print(f"warning: --resume: skipped {found} ({type(e).__name__}: {e})", file=sys.stderr)
+    else:
+        raise SystemExit(f"error: --resume {path}: no readable distill.py checkpoint")
+    saved = {k: meta.get(k, v) for k, v in run.items()}  # a key older checkpoints lack is not checked
+    if saved != run:  # e.g. another precision would fail in GradScaler, another seed change the data order
+        raise SystemExit("error: resume with the run's saved " + ", ".join(
+            f"{'processes' if k == 'world' else '--' + k.replace('_', '-')} {saved[k]} (not {v})"
+            for k, v in run.items() if saved[k] != v))
     part = lambda p: {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}  # noqa: E731
     unwrap(student).load_state_dict(part("student."), strict=True)
     ema.load_state_dict(part("ema."), strict=True)
@@ -444,6 +472,8 @@ def load_data(args):
                          "offline: python distill.py --arch base --random-weights")
     data = Path(args.data)
     tars = sorted(data.glob("*.tar")) if data.is_dir() else [data] if data.suffix == ".tar" else []
+    if not tars and not (data / "metadata.csv").exists() and (data / "train" / "metadata.csv").is_file():
+        data = data / "train"  # the Hugging Face imagefolder layout (preprocessed_212k/train/metadata.csv)
     try:
         records, bad = read_tar_shards(tars) if tars else read_metadata_csv(data)
     except (OSError, ValueError, tarfile.TarError) as e:
@@ -458,7 +488,7 @@ def check_args(ap, args):
     for name in ("batch", "grad_accum", "max_steps", "save_every", "resolution"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.val_every < 0 or not (math.isfinite(args.lr) and args.lr > 0):
+    if args.val_every < 0 or args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         ap.error(f"need --val-every >= 0 and a finite --lr > 0, got {args.val_every} and {args.lr}")
     if not (0 <= args.drop_caption <= 1 and all(math.isfinite(v) and v >= 0 for v in args.lambdas)):
         ap.error(f"need 0 <= --drop-caption <= 1 and finite --lambdas >= 0, got {args.drop_caption}, {args.lambdas}")
@@ -466,6 +496,8 @@ def check_args(ap, args):
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         ap.error(f"cannot write to --out {args.out}: {e.strerror or e}")
+    if not args.resume and checkpoints(args.out):  # never mix two runs (a log alone: a run cut before its first save)
+        raise SystemExit(f"error: --out {args.out} holds a run: --resume it or use another --out")
 
 
 def main(argv=None):
@@ -495,6 +527,8 @@ def main(argv=None):
     # 2. data, teacher, student: every check before the first step
     records, bad_rows = load_data(args)
     pipe = load_teacher(args, device)
+    size = args.resolution or (64 if args.random_weights else  # the teacher's training size: 512 for SD v1
+                               pipe.unet_cfg.sample_size * pipe.vae_cfg.downsample_factor)
     try:
         scfg = UNetConfig.from_diffusers(json.loads(Path(args.student_config).read_text())) \
             if args.student_config else student_config(pipe.unet_cfg, args.arch)
@@ -502,6 +536,12 @@ def main(argv=None):
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --student-config {args.student_config}: {e}" if args.student_config else
                          f"error: {e}")
+    n = max(len(c.block_out_channels) for c in (pipe.unet_cfg, scfg))  # U-Net stages: all but the last halve
+    mult = pipe.vae_cfg.downsample_factor * 2 ** (n - 1)
+    if size % mult:  # else the first step fails (odd-sized skips), after the teacher loaded and the cache was made
+        raise SystemExit(f"error: --resolution {size} is not a multiple of {mult} (the VAE's factor x 2^{n - 1} for "
+                         f"{n} U-Net stages): use " + " or ".join(str(v) for v in (size // mult * mult,
+                                                                                  size // mult * mult + mult) if v))
     student.gradient_checkpointing = args.gradient_checkpointing == "on" or \
         args.gradient_checkpointing == "auto" and not args.random_weights
     ema = build_student(student, scfg).eval().requires_grad_(False)  # the EMA weights, the model we export
@@ -515,34 +555,38 @@ def main(argv=None):
         args.val_every = 0
     ab = sampler.alphas_cumprod(sampler.SamplerConfig.from_diffusers(dict(sched, prediction_type="epsilon")))
     model = torch.nn.parallel.DistributedDataParallel(student, [local] if cuda else None) if world > 1 else student
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    opt = torch.optim.AdamW(student.parameters(), lr=LR if args.lr is None else args.lr, betas=(0.9, 0.999),
+                            weight_decay=1e-2, eps=1e-8)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # a loss scaler for fp16 only
-    size = args.resolution or (64 if args.random_weights else  # the teacher's training size: 512 for SD v1
-                               pipe.unet_cfg.sample_size * pipe.vae_cfg.downsample_factor)
     parts = SimpleNamespace(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, size=size,
                             factor=pipe.vae_cfg.downsample_factor, latent_channels=pipe.unet_cfg.in_channels,
                             scaling_factor=pipe.vae_cfg.scaling_factor, device=device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = LatentCache(out / "latent_cache", records, parts, amp, rank, world) if args.cache_latents else None
-    if cache is not None and world > 1:
-        dist.barrier()  # every shard written
-    load = cache.load if cache else lambda rec: None if (x := load_image(rec, size)) is None else (x, rec[3])
-    stream = Stream(range(len(records)) if cache else records, load, args.seed, rank, world)
     gen = torch.Generator().manual_seed(args.seed)  # flips, timesteps, noise: the same stream on every rank
-    step, skipped0 = 0, bad_rows
+    run = dict(world=world, batch=args.batch, grad_accum=args.grad_accum, precision=precision, seed=args.seed,
+               resolution=size)  # saved in each checkpoint; a resume must keep them
+    step, skipped0, data_k = 0, bad_rows, 0
+    if not args.resume and rank == 0:  # a log left by a run cut before its first checkpoint: nothing to resume
+        (out / "log.jsonl").unlink(missing_ok=True)
     if args.resume:  # 3. everything a step depends on comes back: exact continuation
-        st = load_checkpoint(args.resume, student, ema, opt, scaler)
-        if (st["world"], st["batch"], st["grad_accum"]) != (world, args.batch, args.grad_accum):
-            raise SystemExit(f"error: resume with the saved {st['world']} processes, --batch {st['batch']} and "
-                             f"--grad-accum {st['grad_accum']}")
-        step, skipped0, stream.k = st["step"], st["skipped"], st["data_k"][rank]
+        st = load_checkpoint(args.resume, student, ema, opt, scaler, run)
+        step, skipped0, data_k = st["step"], st["skipped"], st["data_k"][rank]
         gen.set_state(st["rng"]["gen"])
+        if args.lr is not None and args.lr != opt.param_groups[0]["lr"]:  # given: it wins over the saved one
+            print(f"--lr {args.lr} replaces the checkpoint's {opt.param_groups[0]['lr']}", file=sys.stderr)
+            for g in opt.param_groups:
+                g["lr"] = args.lr
         if rank == 0 and (out / "log.jsonl").is_file():  # drop what was logged after the checkpoint
             keep = [ln for ln in (out / "log.jsonl").read_text().splitlines()  # a line cut by a kill has no "}"
                     if ln.endswith("}") and json.loads(ln)["step"] <= step]
             (out / "log.tmp").write_text("".join(ln + "\n" for ln in keep))
             os.replace(out / "log.tmp", out / "log.jsonl")
+    cache = LatentCache(out / "latent_cache", records, parts, amp, rank, world, dtype) if args.cache_latents else None
+    if cache is not None and world > 1:
+        dist.barrier()  # every shard written
+    load = cache.load if cache else lambda rec: None if (x := load_image(rec, size)) is None else (x, rec[3])
+    stream = Stream(range(len(records)) if cache else records, load, args.seed, rank, world)
+    stream.k = data_k
     # 4. the loop. SIGINT/SIGTERM only set a flag: the step finishes, a checkpoint is saved, the run exits
     stop = [0]
     old = {s: signal.signal(s, lambda *_: stop.__setitem__(0, 1)) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -557,11 +601,11 @@ def main(argv=None):
         if world > 1:
             dist.all_gather(ks, torch.tensor([stream.k]))
         if rank == 0:  # rank 0 writes, with every rank's data position
-            state = dict(step=step, skipped=skipped, data_k=[k.item() for k in ks], world=world, batch=args.batch,
-                         grad_accum=args.grad_accum, rng=dict(gen=gen.get_state()))
+            state = dict(run, step=step, skipped=skipped, data_k=[k.item() for k in ks], rng=dict(gen=gen.get_state()))
             save_checkpoint(out / f"checkpoint-{step:08d}.safetensors", student, ema, opt, scaler, state)
-            for old_ckpt in sorted(out.glob("checkpoint-*.safetensors"))[:-2]:  # keep the newest two
-                old_ckpt.unlink()
+            found = checkpoints(out)
+            for k in sorted(k for k in found if k < step)[:-1]:  # keep this one and the newest before it
+                found[k].unlink()
     try:
         while step < args.max_steps:
             t0 = time.time()
@@ -628,6 +672,7 @@ def export(pipe, ema, scfg, folder):
 # -----------------------------------------------------------------------------
 # Command line:  python distill.py --arch small --data laion_212k/ --out runs/bk-small
 
+LR = 5e-5  # the paper's AdamW learning rate, constant
 FULL = dict(batch=64, grad_accum=4, max_steps=50000, save_every=5000, val_every=500)  # the paper's: 256 x 50K
 SMOKE = dict(batch=2, grad_accum=1, max_steps=6, save_every=3, val_every=6)  # seconds on a laptop
 
@@ -657,7 +702,8 @@ def parser():
     ap.add_argument("--no-flip", action="store_true", help="no random horizontal flips (captions with left/right)")
     ap.add_argument("--drop-caption", type=float, default=0.0, help="share of captions replaced by \"\" (SD: 0.1)")
     ap.add_argument("--val-prompts", nargs="+", default=["a golden vase with different flowers"])
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, help=f"AdamW's learning rate (default: {LR}; with --resume: the "
+                                             "checkpoint's)%(default).0s")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="autocast dtype; auto: bf16 on GPUs that have it, else fp16; fp32 on CPUs")

@@ -2984,6 +2984,20 @@ class TestDistill:
             _distill_run(tmp_path, "run", "--student-config", tmp_path / "unet.json")
         assert not (tmp_path / "run" / "log.jsonl").exists()
 
+    def test_a_bom_and_the_folder_above_train_are_read(self, tmp_path):
+        train = tmp_path / "preprocessed_212k" / "train"  # the Hugging Face imagefolder layout of the 212k set
+        train.mkdir(parents=True)
+        _distill_png(train / "a.png")
+        (train / "metadata.csv").write_text("file_name,text\na.png,a red card\n", encoding="utf-8-sig")  # a BOM
+        args = types.SimpleNamespace(random_weights=False, data=str(tmp_path / "preprocessed_212k"))
+        assert distill.load_data(args) == ([(str(train / "a.png"), None, None, "a red card")], 0)
+
+    def test_a_resolution_the_unet_cannot_halve_stops_before_training(self, tmp_path):
+        for res, near in ((100, "64 or 128"), (72, "64 or 128"), (32, "64")):  # tiny-test: 4 stages, VAE factor 8
+            with pytest.raises(SystemExit, match=rf"--resolution {res} is not a multiple of 64 .*: use {near}$"):
+                _distill_run(tmp_path, f"r{res}", "--resolution", res, "--cache-latents")
+            assert not (tmp_path / f"r{res}" / "latent_cache").exists()
+
     # 4. the loop: resume, signals, cached latents
 
     def test_resume_is_exact(self, tmp_path):
@@ -3018,6 +3032,71 @@ class TestDistill:
         assert len(list((cached / "latent_cache").glob("*.safetensors"))) == 1
         for a, b in zip(plain, _distill_log(cached)):
             assert abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"], (a, b)
+
+    def test_a_latent_cache_from_other_data_or_settings_is_made_again(self, tmp_path, capsys):
+        from contextlib import nullcontext
+        shard = tmp_path / "cache" / "000000.safetensors"
+
+        def build(records, size=64, seed=0, dtype=torch.float32):  # seed: the encoders' weights
+            pipe = sampler.random_pipeline("tiny-test", seed=seed)
+            parts = types.SimpleNamespace(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
+                                          size=size, device=torch.device("cpu"))
+            distill.LatentCache(tmp_path / "cache", records, parts, nullcontext(), 0, 1, dtype)
+            return shard.stat().st_mtime_ns, capsys.readouterr().err
+        a, b = distill.synthetic_records(3, 0), distill.synthetic_records(3, 1)
+        first = build(a)
+        assert build(a) == (first[0], "")  # the same data and settings: kept
+        for changed in (dict(records=b), dict(size=128), dict(seed=1), dict(dtype=torch.bfloat16)):
+            before = build(a)[0]
+            after, err = build(**dict(records=a) | changed)
+            assert after != before and "made 1 shards again" in err, changed
+
+    def test_a_fresh_run_refuses_a_used_out_and_pruning_goes_by_step(self, tmp_path, monkeypatch):
+        a = _distill_run(tmp_path, "a", "--max-steps", 1, "--save-every", 1)
+        b = tmp_path / "b"
+        b.mkdir()
+        for k in (3, 4):  # another run's newer checkpoints in the --out a resumed run writes to
+            shutil.copy(a / "checkpoint-00000001.safetensors", b / f"checkpoint-{k:08d}.safetensors")
+        _distill_run(tmp_path, "b", "--max-steps", 2, "--save-every", 1, "--resume",
+                     a / "checkpoint-00000001.safetensors")
+        assert sorted(distill.checkpoints(b)) == [2, 3, 4]  # sorted by name, step 2's was the one deleted
+        monkeypatch.setattr(distill, "load_data", lambda *a: pytest.fail("data was read"))
+        with pytest.raises(SystemExit, match=f"--out {a} holds a run: --resume it or use another --out"):
+            _distill_run(tmp_path, "a", "--max-steps", 1)
+        (a / "checkpoint-00000001.safetensors").unlink()  # the log alone: a run cut before its first checkpoint
+        monkeypatch.undo()
+        _distill_run(tmp_path, "a", "--max-steps", 1, "--lr", 1e-5)  # starts over, with a log of its own
+        assert [(r["step"], r["lr"]) for r in _distill_log(a)] == [(1, 1e-5)]
+
+    def test_lr_given_on_resume_replaces_the_saved_one(self, tmp_path):
+        out = _distill_run(tmp_path, "run", "--max-steps", 1, "--save-every", 1, "--lr", 2e-5)
+        _distill_run(tmp_path, "run", "--max-steps", 2, "--save-every", 1, "--resume", out)
+        _distill_run(tmp_path, "run", "--max-steps", 3, "--save-every", 1, "--resume", out, "--lr", 1e-3)
+        assert [r["lr"] for r in _distill_log(out)] == [2e-5, 2e-5, 1e-3]
+        assert _distill_log(_distill_run(tmp_path, "fresh", "--max-steps", 1))[0]["lr"] == 5e-5
+
+    def test_resume_with_another_precision_seed_or_resolution_stops(self, tmp_path):
+        out = _distill_run(tmp_path, "run", "--max-steps", 1, "--save-every", 1, "--precision", "fp32")
+        for flags, msg in ((["--precision", "bf16"], r"--precision fp32 \(not bf16\)"),
+                           (["--seed", 7], r"--seed 1234 \(not 7\)"),
+                           (["--resolution", 128], r"--resolution 64 \(not 128\)"),
+                           (["--batch", 1], r"--batch 2 \(not 1\)")):
+            with pytest.raises(SystemExit, match=f"^error: resume with the run's saved {msg}$"):
+                _distill_run(tmp_path, "run", "--max-steps", 2, "--resume", out, *flags)
+        assert [r["step"] for r in _distill_log(out)] == [1]
+
+    def test_resume_skips_a_corrupt_newest_checkpoint(self, tmp_path, capsys):
+        out = _distill_run(tmp_path, "run", "--max-steps", 2, "--save-every", 1)
+        losses = [r["loss"] for r in _distill_log(out)]
+        newest = out / "checkpoint-00000002.safetensors"
+        newest.write_bytes(newest.read_bytes()[:1000])  # cut short, as a full disk or a bad copy leaves it
+        _distill_run(tmp_path, "run", "--max-steps", 2, "--save-every", 1, "--resume", out)
+        assert f"warning: --resume: skipped {newest}" in capsys.readouterr().err
+        assert [r["loss"] for r in _distill_log(out)] == losses  # step 2 again, from step 1's checkpoint
+        for p in distill.checkpoints(out).values():
+            p.write_bytes(b"")
+        with pytest.raises(SystemExit, match="no readable distill.py checkpoint"):
+            _distill_run(tmp_path, "run", "--max-steps", 3, "--resume", out)
 
     # 5. the command as a user types it, and two processes
 
