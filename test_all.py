@@ -3273,6 +3273,36 @@ class TestToy:
         assert ids[0] == tok.bos and ids[len(words) + 1] == tok.eos and (ids[1:len(words) + 1] != tok.eos).all()
         assert len(tok.tok.get_vocab()) <= toy.TEXT.vocab_size
 
+    def test_the_tokenizer_is_the_same_in_every_process(self, tmp_path):
+        """tokenizers' trainer numbers the alphabet in another order in each process: toy.py sorts it"""
+        code = "import sys, toy; toy.train_tokenizer([toy.make_scene(0, i).caption for i in range(500)])" \
+               ".save(sys.argv[1])"
+        for d in ("a", "b"):
+            r = subprocess.run([sys.executable, "-c", code, str(tmp_path / d)], cwd=HERE, capture_output=True,
+                               text=True)
+            assert r.returncode == 0, r.stderr[-2000:]
+        for f in ("vocab.json", "merges.txt"):
+            assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+
+    def test_runs_share_the_latent_cache_by_a_relative_link(self, tmp_path, monkeypatch):
+        """--out may be moved or copied between a cut run and its resumption: each run's latent_cache/ link is
+        relative, and a link made otherwise (absolute, as before) is replaced"""
+        def fake_main(argv):  # distill.py's part: its --out gets final/
+            (Path(argv[argv.index("--out") + 1]) / "final").mkdir()
+        monkeypatch.setattr(toy.distill, "main", fake_main)
+        from types import SimpleNamespace
+        run = SimpleNamespace(out=tmp_path / "a", plan=toy.QUICK, device=torch.device("cpu"))
+        toy.distill_run(run, "teacher", tmp_path / "init", 1, 1e-3)
+        link = tmp_path / "a" / "runs" / "teacher" / "latent_cache"
+        assert os.readlink(link) == "../../latent_cache" and link.resolve() == (tmp_path / "a" / "latent_cache")
+        os.replace(tmp_path / "a", tmp_path / "b")
+        run.out = tmp_path / "b"
+        link = tmp_path / "b" / "runs" / "teacher" / "latent_cache"
+        link.unlink()
+        os.symlink(tmp_path / "a" / "latent_cache", link)  # absolute, into the folder's old place
+        toy.distill_run(run, "teacher", tmp_path / "init", 1, 1e-3)
+        assert link.resolve() == tmp_path / "b" / "latent_cache" and (tmp_path / "b" / "teacher").is_dir()
+
     def test_matches_is_the_caption_check(self):
         s = toy.Scene("gray", [("circle", "red", "small", "top left"), ("square", "blue", "large", "center")],
                       says_size=False, says_background=True, caption="")
@@ -3395,3 +3425,8 @@ class TestToy:
         assert r.returncode == 0 and "] stage " not in r.stderr, r.stderr[-3000:]
         assert json.loads((out / "scores.json").read_text())["teacher"]["seconds"] == -1.0
         assert json.loads((out / "times.json").read_text()) == times
+        assert "Generation: 3 PNDM steps" in results and "the image is 3 steps" in results  # the plan's, not 25
+        r = run_cli("toy.py", "reproduce", "--out", str(out))  # the full plan on a quick run's folder: refused
+        assert r.returncode == 1 and "holds a run of another plan" in r.stderr and "] stage " not in r.stderr
+        r = run_cli("toy.py", "publish", "--out", str(tmp_path / "nothing"), "--to", str(tmp_path / "repo"))
+        assert r.returncode == 1 and "holds no finished run" in r.stderr

@@ -137,6 +137,11 @@ def train_tokenizer(captions):
         vocab_size=TEXT.vocab_size, special_tokens=["<|startoftext|>", "<|endoftext|>"], show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), end_of_word_suffix="</w>"))
     vocab, merges = json.loads(tok.to_str())["model"]["vocab"], json.loads(tok.to_str())["model"]["merges"]
+    # the two special tokens (ids 0, 1), the alphabet, then one token per merge. The trainer numbers the alphabet in
+    # another order in each process (its hash maps): sorted, every run gets the same ids (the merges came out the
+    # same in every process on this world's captions; the test checks it)
+    alphabet = sorted(t for t, i in vocab.items() if 2 <= i < len(vocab) - len(merges))
+    vocab |= {t: 2 + k for k, t in enumerate(alphabet)}
     return clip_text.Tokenizer.from_bpe(vocab, [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in merges])
 
 # -----------------------------------------------------------------------------
@@ -384,16 +389,22 @@ class Run:
     def __init__(self, out, plan, device):
         self.out, self.plan, self.device = Path(out), plan, torch.device(device)
         self.out.mkdir(parents=True, exist_ok=True)
+        made = json.loads((self.out / "plan.json").read_text()) if (self.out / "plan.json").exists() else asdict(plan)
+        if made != asdict(plan):  # its finished stages would be kept and reported under this plan
+            raise SystemExit(f"error: {out} holds a run of another plan ({made}): use another --out")
+        write_json(self.out / "plan.json", made)
         self.times = json.loads((self.out / "times.json").read_text()) if (self.out / "times.json").exists() else {}
 
     def stage(self, name, done, work, on=None):
         if not done.exists():
             log(f"stage {name}")
             t0 = time.time()
-            work()
-            seconds = self.times.get(name, {}).get("s", 0) + time.time() - t0  # a resumed stage adds up its parts
-            self.times[name] = dict(s=seconds, on=machine(torch.device(on) if on else self.device))
-            write_json(self.out / "times.json", self.times)
+            try:
+                work()
+            finally:  # also when stopped (Ctrl-C, SIGTERM): a resumed stage adds up its parts
+                seconds = self.times.get(name, {}).get("s", 0) + time.time() - t0
+                self.times[name] = dict(s=seconds, on=machine(torch.device(on) if on else self.device))
+                write_json(self.out / "times.json", self.times)
 
 
 def write_json(path, obj):
@@ -404,11 +415,12 @@ def write_json(path, obj):
 def distill_run(run, name, teacher, steps, lr, *flags):
     """distill.py on the toy data, into run.out/runs/NAME; resumed from its newest checkpoint if it was cut."""
     folder = run.out / "runs" / name
-    cache = folder / "latent_cache"
-    if not cache.exists():  # the same data, VAE and text encoder for every run: encode the captions and images once
-        folder.mkdir(parents=True, exist_ok=True)
+    cache, shared = folder / "latent_cache", os.path.relpath(run.out / "latent_cache", folder)
+    if not cache.is_symlink() or os.readlink(cache) != shared:  # the same data, VAE and text encoder for every run:
+        folder.mkdir(parents=True, exist_ok=True)                # the captions and images are encoded once
         (run.out / "latent_cache").mkdir(exist_ok=True)
-        os.symlink((run.out / "latent_cache").resolve(), cache)
+        cache.unlink(missing_ok=True)  # a link made before links were relative: the folder may have moved
+        os.symlink(shared, cache)  # relative: --out may be moved or copied
     argv = ["--teacher", str(teacher), "--data", str(run.out / "data"), "--out", str(folder), "--resolution",
             str(SIZE), "--cache-latents", "--no-flip", "--batch", str(run.plan.batch), "--grad-accum", "1",
             "--max-steps", str(steps), "--save-every", str(max(steps // 5, 1)), "--val-every", "0", "--lr", str(lr),
@@ -606,7 +618,7 @@ def loss_plot(curves, path, W=560, H=300):
 
 
 def latency(pipe, steps, reps=5):
-    """Median seconds of one U-Net step (the guided batch of 2) and of one whole image (25 PNDM steps + decode)."""
+    """Median seconds of one U-Net step (the guided batch of 2) and of one whole image (`steps` PNDM steps + decode)."""
     x, ctx = torch.randn(2, 4, 8, 8), pipe.text_encoder(pipe.tokenizer(["", "a red circle in the center"]))
     step, image = [], []
     with torch.no_grad():
@@ -650,11 +662,11 @@ def write_results(o, val, results, times, plan):
          "Written by `python toy.py reproduce` (toy.py's docstring says what the world is and why). Every model below "
          "was trained by this project's code, on the machines that the time table at the end names; the numbers are "
          "what this run measured.", "",
-         f"Plan: {asdict(plan)}. Generation: 25 PNDM steps, guidance 7.5, {plan.n_eval} validation captions per "
-         f"seed, seeds {list(SEEDS)} (values are mean ± half the range over the seeds). Toy accuracy: the share of "
-         "images whose attributes, as the classifier reads them, match their caption; toy FID: fid.py's Frechet "
-         f"distance between the classifier's 64 penultimate features of the images and of {plan.val} real "
-         "validation images.", "",
+         f"Plan: {asdict(plan)}. Generation: {plan.gen_steps} PNDM steps, guidance 7.5, {plan.n_eval} validation "
+         f"captions per seed, seeds {list(SEEDS)} (values are mean ± half the range over the seeds). Toy accuracy: "
+         "the share of images whose attributes, as the classifier reads them, match their caption; toy FID: "
+         "fid.py's Frechet distance between the classifier's 64 penultimate features of the images and of "
+         f"{plan.val} real validation images.", "",
          "## 1. Architecture (the paper's Table 1)", "",
          "| model | U-Net params | MACs / step | U-Net step (ms) | image (s) | toy FID | toy accuracy |",
          "|---|---:|---:|---:|---:|---:|---:|",
@@ -662,15 +674,16 @@ def write_results(o, val, results, times, plan):
          f"{fmt(results['real'], 'accuracy', '{:.3f}')} |",
          f"| real images through the VAE (PSNR {results['vae']['psnr'][0]:.1f} dB) | | | | | "
          f"{fmt(results['vae'], 'fid', '{:.2f}')} | {fmt(results['vae'], 'accuracy', '{:.3f}')} |"]
+    reps = 1 if plan.gen_steps < 25 else 5
     for n, label in names.items():
         pipe = convert_weights.load_pipeline(o / n)
         macs = sum(sum(v) for v in unet.count_macs(pipe.unet, latent=SIZE // 8).values())
-        step, image = latency(pipe, plan.gen_steps, reps=1 if plan.gen_steps < 25 else 5)
+        step, image = latency(pipe, plan.gen_steps, reps)
         L.append(f"| {label} | {sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f}M | {macs / 1e6:.1f}M | "
                  f"{step * 1e3:.1f} | {image:.2f} | {fmt(results[n], 'fid', '{:.2f}')} | "
                  f"{fmt(results[n], 'accuracy', '{:.3f}')} |")
-    L += ["", "Latency: medians of 5 runs on this CPU, one process, after the training; the step is the guided "
-          "batch of 2 at an 8x8 latent; the image is 25 steps and the VAE decode.", "",
+    L += ["", f"Latency: medians of {reps} run(s) on this CPU, one process, after the training; the step is the "
+          f"guided batch of 2 at an 8x8 latent; the image is {plan.gen_steps} steps and the VAE decode.", "",
           "![teacher and students](results/toy-students.png)", "",
           "Same captions (the first 8 validation scenes, listed below) and seed for every row.", ""]
     L += [f"{i + 1}. {s.caption}" for i, s in enumerate(val[:8])]
@@ -733,6 +746,8 @@ def publish(o, to):
     """RESULTS.md and its images into `to` (the repository), and the teacher as an fp16 diffusers folder `to`/toy,
     so that `python sampler.py "a big red circle in the center" --weights toy` draws with no network."""
     to = Path(to)
+    if not (o / "RESULTS.md").is_file():
+        raise SystemExit(f"error: {o} holds no finished run (no RESULTS.md): python toy.py reproduce --out {o}")
     shutil.copytree(o / "results", to / "results", dirs_exist_ok=True)
     shutil.copy(o / "RESULTS.md", to / "RESULTS.tmp")
     os.replace(to / "RESULTS.tmp", to / "RESULTS.md")
@@ -760,6 +775,8 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="where distill.py trains and the models draw (auto: a GPU if there is one)")
     args = ap.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads or args.quick:  # the quick run's toy-sized ops gain nothing from threads but barrier waits
         torch.set_num_threads(args.threads or 1)
