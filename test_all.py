@@ -553,6 +553,45 @@ class TestUNet:
             assert m(x, 10, ctx).dtype == torch.bfloat16
         assert m.conv_in.weight.grad.abs().max() > 0 and len(unet.PACKED) == 0
 
+    @pytest.mark.skipif(not unet.PREPACK, reason="weight prepacking is for x86 CPUs with oneDNN")
+    def test_kept_copies_follow_the_weights_and_leave_what_they_cannot_run(self):
+        """unet.PACKED's copies against the weights of the moment, where a version counter does not tell: a fused
+        AdamW step (no bump), another tensor at the same address (a view here; a new weight in a freed one's place);
+        and the layers that the copies' operators cannot run: a bias that trains alone, float64, other paddings."""
+        torch.manual_seed(0)
+        x = torch.randn(2, 8, 16, 16)
+        for conv in (unet.Conv2d(8, 8, 3, padding=1), unet.Conv2d(8, 8, 3, stride=2, padding=1)):  # Winograd, oneDNN
+            ref = lambda: F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)  # noqa: E731
+            with torch.no_grad():
+                assert rel_err(conv(x), ref()) <= 1e-5 and conv in unet.PACKED
+            opt = torch.optim.AdamW(conv.parameters(), lr=0.1, fused=True)
+            conv(x).square().mean().backward()
+            version = conv.weight._version
+            opt.step()
+            with torch.no_grad():
+                assert conv.weight._version == version and rel_err(conv(x), ref()) <= 1e-5
+        layer, w = nn.Module(), torch.ones(4)
+        assert unet.kept(layer, (), w, lambda: "of w") == "of w"
+        assert unet.kept(layer, (), w, lambda: "again") == "of w"  # the same tensor, unchanged: kept
+        assert unet.kept(layer, (), w.view(4), lambda: "of the view") == "of the view"  # same address and version
+        conv = unet.Conv2d(8, 8, 3, stride=2, padding=1)
+        conv.weight.requires_grad_(False)  # the bias trains alone: autograd, not oneDNN's operators
+        conv(x).sum().backward()
+        assert torch.allclose(conv.bias.grad, torch.full((8,), 2 * 8 * 8.0))
+        geglu = unet.GEGLU(8, 4)
+        geglu.proj.weight.requires_grad_(False)
+        geglu(torch.randn(2, 3, 8)).sum().backward()
+        assert geglu.proj.bias.grad is not None and geglu.proj.bias.grad.abs().max() > 0
+        with torch.no_grad():
+            for conv in (unet.Conv2d(8, 8, 3, padding=1).double(), unet.Conv2d(8, 8, 3, padding="same"),
+                         unet.Conv2d(8, 8, 3, stride=2, padding=1, padding_mode="reflect")):
+                y = x.to(conv.weight.dtype)
+                assert rel_err(conv(y), nn.Conv2d.forward(conv, y)) <= 1e-6
+            with torch.inference_mode():  # a bf16 model built and cast here: its weights track no version
+                m = unet.UNet(unet.PRESETS["tiny-test"]).to(torch.bfloat16)
+                assert m(torch.randn(1, 4, 16, 16, dtype=torch.bfloat16), 10,
+                         torch.randn(1, 77, 32, dtype=torch.bfloat16)).shape == (1, 4, 16, 16)
+
     @pytest.mark.skipif(not (unet.PREPACK and unet.native_kernel()), reason="native.c runs on x86 CPUs with AVX2")
     @pytest.mark.parametrize("scratch, isa", [(16 << 20, "native"), (1, "native"), (16 << 20, "AVX2")])
     def test_winograd_convolutions_are_as_exact_as_the_direct_ones(self, request, tmp_path, monkeypatch, scratch, isa):

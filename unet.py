@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
@@ -219,15 +220,34 @@ WINOGRAD_SCRATCH = 16 << 20  # bytes of transformed tiles a chunk: 2-64 MB measu
 WINOGRAD_MIN_TILES = 32  # 2x2 output blocks a call; fewer: products memory-bound (1280 channels, 16 blocks: 1.04-1.4x)
 
 
-def onednn_inference(x, w):
-    """May x meet weight w in oneDNN's own CPU operators: inference (no autograd, no autocast) on x86, not traced
-    by torch.compile (asked first: tracing goes no further, so no graph break), which fuses on its own."""
+def onednn_inference(x, w, b=None):
+    """May x meet weight w and bias b in oneDNN's own CPU operators: inference (no autograd, no autocast) on x86, in
+    a dtype they take, not traced by torch.compile (asked first: tracing goes no further, so no graph break), which
+    fuses on its own."""
+    trains = w.requires_grad or x.requires_grad or b is not None and b.requires_grad
     return not torch.compiler.is_compiling() and ONEDNN and x.device.type == "cpu" and x.dtype == w.dtype and \
-        not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad)) and not torch.is_autocast_enabled("cpu")
+        x.dtype in (torch.float32, torch.bfloat16, torch.float16) and not (torch.is_grad_enabled() and trains) and \
+        not torch.is_autocast_enabled("cpu")
 
 
-# layer -> (key, packed weight), beside the layer: its state_dict, copies and .to() stay those of an nn.Conv2d
+# layer -> (key, packed weight, the weight it was made from), beside the layer: its state_dict, copies and .to() stay
+# those of an nn.Conv2d
 PACKED = weakref.WeakKeyDictionary()
+# Optimizer steps, counted by a hook on every optimizer: some write weights without bumping their version (fused
+# AdamW on a CPU), so a trainable weight's copy is made anew after any step. Writes through .data bump nothing: after
+# them, PACKED.clear().
+STEPS = [0]
+register_optimizer_step_post_hook(lambda *_: STEPS.__setitem__(0, STEPS[0] + 1))
+
+
+def kept(layer, key, w, make):
+    """layer's kept copy of its weight w: make() once, and again when the key changed (a new shape, a version bumped
+    by a write, an optimizer step on a trainable w) or w is another tensor (which may reuse a freed one's address)."""
+    key += (w.data_ptr(), w._version, STEPS[0] if w.requires_grad else 0)
+    entry = PACKED.get(layer)
+    if entry is None or entry[0] != key or entry[2]() is not w:
+        PACKED[layer] = entry = (key, make(), weakref.ref(w))
+    return entry[1]
 
 
 class Conv2d(nn.Conv2d):
@@ -238,7 +258,8 @@ class Conv2d(nn.Conv2d):
     the CPU"). The same oneDNN convolution: bf16 outputs are the same bits, fp32 ones differ by about 4e-6 relative.
     The fp32 3x3 convolutions (stride 1, padding 1, 32 blocks of 2x2 outputs or more) go by Winograd's algorithm
     instead, where native.c builds. prepack=False keeps that path alone, the others as nn.Conv2d's (vae.py: packing
-    gained nothing in a decoder)."""
+    gained nothing in a decoder). A copy is made anew when its weight changes (kept()); a write through .data is not
+    seen: unet.PACKED.clear() after one."""
 
     def __init__(self, *args, prepack=True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -246,22 +267,22 @@ class Conv2d(nn.Conv2d):
 
     def forward(self, x):
         w = self.weight
-        if not (onednn_inference(x, w) and PREPACK) or w.is_inference() or x.dim() != 4:
+        if not (onednn_inference(x, w, self.bias) and PREPACK) or w.is_inference() or x.dim() != 4 or \
+                self.padding_mode != "zeros" or isinstance(self.padding, str):
             # torch.compile (which packs its own), autograd, autocast, GPUs, inference tensors (which track no
-            # version), an unbatched image: as usual
+            # version), an unbatched image, other paddings: as usual
             return super().forward(x)
         args = (self.padding, self.stride, self.dilation, self.groups)
         if WINOGRAD and x.dtype == torch.float32 and w.shape[2:] == (3, 3) and args == ((1, 1), (1, 1), (1, 1), 1) \
-                and self.padding_mode == "zeros" and native_kernel():
+                and native_kernel():
             tiles = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)  # Winograd's 2x2 output blocks
             if tiles >= WINOGRAD_MIN_TILES:
                 return self.winograd(x, tiles)
         if not self.prepack:
             return super().forward(x)
-        key = (tuple(x.shape), w.data_ptr(), w._version)  # an optimizer step or load_state_dict bumps the version
-        if PACKED.get(self, (None,))[0] != key:
-            PACKED[self] = (key, torch.ops.mkldnn._reorder_convolution_weight(w, *args, x.shape))
-        return torch.ops.mkldnn._convolution_pointwise(x, PACKED[self][1], self.bias, *args, "none", [], "")
+        packed = kept(self, (tuple(x.shape),), w,
+                      lambda: torch.ops.mkldnn._reorder_convolution_weight(w, *args, x.shape))
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *args, "none", [], "")
 
     def winograd(self, x, tiles):
         """The fp32 3x3 convolution by Winograd's F(2x2, 3x3) (native.c): per 2x2 block of outputs, 16 multiplies
@@ -272,13 +293,13 @@ class Conv2d(nn.Conv2d):
         oneDNN (AVX2 alone: 0.83-0.84), for transformed filters 16/9 the size of the weights, kept where oneDNN's
         packed copy was (sd-v1: 3.7 GB for 2.1; BENCHMARKS.md, "Winograd convolutions in fp32")."""
         g = self.weight  # the filters
-        key = ("winograd", g.data_ptr(), g._version)
         lib, threads = native_kernel(), torch.get_num_threads()
-        if PACKED.get(self, (None,))[0] != key:  # U = G g G^T (native.c), kept: (16, C_in, C_out)
+
+        def transform():  # U = G g G^T (native.c), kept: (16, C_in, C_out)
             f, u = g.detach().contiguous(), torch.empty(16, g.shape[1], g.shape[0])  # f held while C reads it
             lib.winograd_filter(f.data_ptr(), u.data_ptr(), g.shape[1], g.shape[0], threads)
-            PACKED[self] = (key, u)
-        u = PACKED[self][1]
+            return u
+        u = kept(self, ("winograd",), g, transform)
         x = x.contiguous(memory_format=torch.channels_last)  # (N, H, W, C) in memory
         (n, c, h, w), c_out = x.shape, u.shape[2]
         y = torch.empty(n, c_out, h, w, memory_format=torch.channels_last)
@@ -500,7 +521,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x):
         w, b, h = self.proj.weight, self.proj.bias, self.proj.out_features // 2
-        if onednn_inference(x, w):  # GELU and the product ride on oneDNN's matrix products, no pass of their own:
+        if onednn_inference(x, w, b):  # GELU and the product ride on oneDNN's matrix products, no pass of their own:
             gate = torch.ops.mkldnn._linear_pointwise(x, w[h:], b[h:], "gelu", [], "none")  # erf GELU, as F.gelu
             return torch.ops.mkldnn._linear_pointwise.binary(x, gate, w[:h], b[:h], "mul")  # value * GELU(gate)
         value, gate = self.proj(x).chunk(2, dim=-1)
@@ -692,7 +713,7 @@ class UNet(nn.Module):
                                   self.cfg.flip_sin_to_cos, self.cfg.freq_shift).to(x.dtype)
         temb = self.time_embedding(temb)
         x = fast_layout(x)
-        if x.is_contiguous(memory_format=torch.channels_last) and \
+        if x.is_contiguous(memory_format=torch.channels_last) and not self.conv_in.weight.is_inference() and \
                 not self.conv_in.weight.is_contiguous(memory_format=torch.channels_last):
             with torch.inference_mode(False):  # ordinary weights even here: they track versions (Conv2d)
                 fast_layout(self)  # once: a model built and cast by hand gets the loaders' NHWC weights too
