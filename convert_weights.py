@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+import safetensors.torch
 
 import clip_text
 import unet as unet_mod
@@ -599,8 +599,8 @@ def find_tokenizer(path, width, tokenizer=None):
         return hub_tokenizer(width)
     except OSError as e:
         raise OSError(f"{path}: no tokenizer/ folder beside it, and SD's tokenizer is not cached ({e}). Run once "
-                      "with a network, or pass tokenizer=<a tokenizer/ folder> (sampler.py: put it next to the "
-                      "file)") from None
+                      "with a network, or pass tokenizer=<a tokenizer/ folder> (--tokenizer here; sampler.py: put it "
+                      "next to the file)") from None
 
 
 def load_pipeline(path, dtype=torch.float32, device="cpu", arch=None, tokenizer=None):
@@ -637,6 +637,15 @@ def parts_and_configs(src, components, configs=None, path=""):
     for c in components:  # never write a config that does not fit its weights: the error names the keys
         check_keys(c, cfgs[c], parts[c], path)
     return {c: parts[c] for c in components}, cfgs
+
+
+def save_file(tensors, path, metadata=None):
+    """safetensors' save_file, which writes a temporary file (mkstemp's, mode 0600) and renames it; then the mode any
+    new file gets here (the umask's), so that others can read a model written for them."""
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def prepare(t, dtype):

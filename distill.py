@@ -496,6 +496,9 @@ def check_args(ap, args):
         Path(args.out).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         ap.error(f"cannot write to --out {args.out}: {e.strerror or e}")
+    if args.random_weights and (args.data or args.teacher != ap.get_default("teacher")):
+        ap.error("--random-weights makes its own teacher (tiny-test, random) and data (synthetic): drop --teacher "
+                 "and --data, or --random-weights")
     if not args.resume and checkpoints(args.out):  # never mix two runs (a log alone: a run cut before its first save)
         raise SystemExit(f"error: --out {args.out} holds a run: --resume it or use another --out")
 

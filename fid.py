@@ -607,20 +607,21 @@ def clip_file(name=CLIP_REPO):
     if path.is_absolute() or name.startswith("."):  # a path, not a hub repo
         raise OSError(f"{name}: no such file or folder")
     import huggingface_hub
-    offline = False
-    for n in names:
+    why = None
+    for n in names:  # snapshot_download: a hub out of reach is one error and a look in the cache, not retries
         try:
-            return Path(huggingface_hub.hf_hub_download(name, n))
-        except huggingface_hub.errors.LocalEntryNotFoundError:  # offline, and not in the cache: try the next name
-            offline = True
-        except huggingface_hub.errors.EntryNotFoundError:  # the repo has no such file: try the next name
+            folder = Path(huggingface_hub.snapshot_download(name, allow_patterns=[n]))
+        except huggingface_hub.errors.LocalEntryNotFoundError as e:  # out of reach, and not in the cache
+            why = why or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             continue
         except Exception as e:
             raise OSError(f"cannot fetch CLIP weights from {name} ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    if offline:
-        raise OSError(f"cannot fetch CLIP weights from {name}: offline, and none of {', '.join(names)} is in the "
-                      f"hub cache")
+        if (folder / n).is_file():
+            return folder / n
+    if why:
+        raise OSError(f"cannot fetch CLIP weights from {name} ({why}), and none of {', '.join(names)} is in the hub "
+                      f"cache")
     raise OSError(f"{name} holds none of {', '.join(names)}")
 
 
@@ -775,7 +776,7 @@ def main(argv=None):
     unet.keep_freed_memory()  # this process is ours: no page faults on every batch's tensors
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.
-                                 ArgumentDefaultsHelpFormatter)
+                                 ArgumentDefaultsHelpFormatter, epilog="The MS-COCO evaluation: fid.py coco --help")
     if argv[:1] == ["coco"]:
         ap.add_argument("coco")
         ap.add_argument("--prompts", help="metadata.csv (file_name,text); default with --random-weights: 4 prompts")

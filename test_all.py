@@ -1394,6 +1394,9 @@ class TestConvert:
                                                                       "tokenizer", "unet", "vae"]
         v = replace(pipe, scheduler_config={**cw.SD_V1_SCHEDULER, "prediction_type": "v_prediction"})
         cw.to_single_file(v, tmp_path / "v.safetensors")  # the scheduler travels in the metadata
+        umask = os.umask(0)
+        os.umask(umask)
+        assert (tmp_path / "v.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
         assert cw.read_scheduler(tmp_path / "v.safetensors")["prediction_type"] == "v_prediction"
         with pytest.raises(ValueError, match="name it .safetensors"):  # a .ckpt name would read as a pickle
             cw.to_single_file(v, tmp_path / "v.ckpt")
@@ -2414,7 +2417,7 @@ class TestFID:
         monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
         fake_hub["log"].clear()
         assert fid.clip_file("owner/clip") == path and fake_hub["log"] == []  # offline: from the cache
-        with pytest.raises(OSError, match="owner/other: offline, and none of open_clip_model.safetensors, .* cache"):
+        with pytest.raises(OSError, match=r"owner/other \(.*\), and none of open_clip_model.safetensors, .* cache"):
             fid.clip_file("owner/other")
 
     # --- CLIP --------------------------------------------------------------------------------------------------------
@@ -2992,6 +2995,8 @@ class TestDistill:
                            (["--batch", "0"], "--batch must be >= 1, got 0"),
                            (["--grad-accum", "-1"], "--grad-accum must be >= 1, got -1"),
                            (["--lr", "nan"], "a finite --lr > 0, got 6 and nan"),
+                           (["--data", str(tmp_path)], "--random-weights makes its own teacher"),
+                           (["--teacher", "toy"], "--random-weights makes its own teacher"),
                            (["--out", str(tmp_path / "file" / "run")], f"cannot write to --out {tmp_path}/file/run")]:
             with pytest.raises(SystemExit) as e:
                 distill.main(["--random-weights", "--out", str(tmp_path / "run"), *flags])
@@ -3434,7 +3439,7 @@ class TestToy:
             assert np.abs(mean_of(cell) - toy.COLOURS[colour]).max() < 60, (caption, mean_of(cell))
             assert np.abs(mean_of(empty) - toy.BACKGROUNDS[background]).max() < 40, (caption, mean_of(empty))
 
-    def test_quick_reproduction_runs_every_stage_and_resumes(self, tmp_path):
+    def test_quick_reproduction_runs_every_stage_and_resumes(self, tmp_path, monkeypatch):
         out = tmp_path / "toy"
         r = run_cli("toy.py", "reproduce", "--quick", "--out", str(out), timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -3469,3 +3474,6 @@ class TestToy:
         assert r.returncode == 1 and "holds a run of another plan" in r.stderr and "] stage " not in r.stderr
         r = run_cli("toy.py", "publish", "--out", str(tmp_path / "nothing"), "--to", str(tmp_path / "repo"))
         assert r.returncode == 1 and "holds no finished run" in r.stderr
+        monkeypatch.setattr(toy, "__file__", str(tmp_path / "repo" / "toy.py"))  # as if tmp_path/repo were the repo
+        with pytest.raises(SystemExit, match="is a --quick run: it is not published into the repository"):
+            toy.publish(out, tmp_path / "repo")

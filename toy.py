@@ -748,6 +748,9 @@ def publish(o, to):
     to = Path(to)
     if not (o / "RESULTS.md").is_file():
         raise SystemExit(f"error: {o} holds no finished run (no RESULTS.md): python toy.py reproduce --out {o}")
+    quick = json.loads((o / "plan.json").read_text()) == asdict(QUICK) if (o / "plan.json").exists() else False
+    if quick and to.resolve() == Path(__file__).parent.resolve():  # its models are barely trained
+        raise SystemExit(f"error: {o} is a --quick run: it is not published into the repository (--to elsewhere)")
     shutil.copytree(o / "results", to / "results", dirs_exist_ok=True)
     shutil.copy(o / "RESULTS.md", to / "RESULTS.tmp")
     os.replace(to / "RESULTS.tmp", to / "RESULTS.md")

@@ -271,7 +271,7 @@ if __name__ == "__main__":
     ap.add_argument("--weights", help="diffusers-layout VAE .safetensors (vae/diffusion_pytorch_model.safetensors)")
     ap.add_argument("--random-weights", action="store_true", help="offline smoke run: no weights, output is noise")
     ap.add_argument("--size", type=int, default=256, help="image side of the synthetic round-trip image")
-    ap.add_argument("--tile_size", type=int, default=None, help="decode in latent tiles of this side")
+    ap.add_argument("--tile-size", "--tile_size", type=int, default=None, help="decode in latent tiles of this side")
     ap.add_argument("--attention", default="sdpa", choices=["sdpa", "tiled"])
     args = ap.parse_args()
     if args.size < 8 or args.size % 8:
