@@ -299,8 +299,10 @@ class LatentCache:
         for s in range(rank, math.ceil(len(records) / self.N), world):  # each rank writes its share of the shards
             fp = hashlib.sha256(made.digest() + repr(records[s * self.N:(s + 1) * self.N]).encode()).hexdigest()
             path = self.folder / f"{s:06d}.safetensors"
-            if path.is_file() and (safe_open(str(path), "pt").metadata() or {}).get("fingerprint") == fp:
-                continue  # written before the run was interrupted
+            if path.is_file():
+                with safe_open(str(path), "pt") as f:
+                    if (f.metadata() or {}).get("fingerprint") == fp:
+                        continue  # written before the run was interrupted
             rebuilt += path.is_file()
             rows = {k: [] for k in ("mean", "std", "mean_flip", "std_flip", "context", "ok")}
             for recs in (records[b:b + 8] for b in range(s * self.N, min((s + 1) * self.N, len(records)), 8)):
@@ -706,7 +708,7 @@ def parser():
     ap.add_argument("--drop-caption", type=float, default=0.0, help="share of captions replaced by \"\" (SD: 0.1)")
     ap.add_argument("--val-prompts", nargs="+", default=["a golden vase with different flowers"])
     ap.add_argument("--lr", type=float, help=f"AdamW's learning rate (default: {LR}; with --resume: the "
-                                             "checkpoint's)%(default).0s")
+                                             "checkpoint's)%(default).0s")  # .0s: no "(default: None)" added
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                     help="autocast dtype; auto: bf16 on GPUs that have it, else fp16; fp32 on CPUs")

@@ -528,7 +528,7 @@ def clip_score(model, images, texts, tokenizer=None, batch_size=32):
     eval_clip_score.py). images: paths or PIL images; tokenizer: a clip_text.Tokenizer (default: OpenAI's vocab)."""
     if len(images) != len(texts) or not texts:
         raise ValueError(f"need one text per image, got {len(images)} images and {len(texts)} texts")
-    tokenizer = tokenizer or openai_tokenizer()
+    tokenizer = openai_tokenizer() if tokenizer is None else tokenizer
     scores = []
     for i in range(0, len(texts), batch_size):
         ims = [im if isinstance(im, Image.Image) else open_rgb(im) for im in images[i:i + batch_size]]
