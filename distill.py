@@ -286,8 +286,9 @@ class Stream:
 class LatentCache:
     """--cache-latents: each image's VAE moments (mean, std; and its flipped twin's) and its caption's text states,
     in safetensors shards of 1,000 samples, so that training runs neither the VAE encoder nor the text encoder.
-    Each shard stores a fingerprint of what made it: its records, the size, the precision and the encoders' weights
-    (both flips are always cached); a shard from other data or settings is made again, an equal one is kept."""
+    Each shard stores a fingerprint of what made it: its records (files by name and size: the data may move), the
+    size, the precision and the encoders' weights (both flips are always cached); a shard from other data or
+    settings is made again, an equal one is kept."""
     N = 1000
 
     def __init__(self, folder, records, parts, amp, rank, world, dtype):
@@ -297,7 +298,10 @@ class LatentCache:
         for v in (*parts.vae.state_dict().values(), *parts.text_encoder.state_dict().values()):  # the weights (fp32)
             made.update(v.detach().float().cpu().numpy().tobytes())  # whatever name or path they were loaded from
         for s in range(rank, math.ceil(len(records) / self.N), world):  # each rank writes its share of the shards
-            fp = hashlib.sha256(made.digest() + repr(records[s * self.N:(s + 1) * self.N]).encode()).hexdigest()
+            shard = [(Path(r[0]).name, r[1], r[2], r[3]) if r[1] is not None else  # a tar member, or in memory
+                     (Path(r[0]).name, os.path.getsize(r[0]) if os.path.isfile(r[0]) else -1, r[3])  # a file: by
+                     for r in records[s * self.N:(s + 1) * self.N]]  # name and size, not the path --data spelled
+            fp = hashlib.sha256(made.digest() + repr(shard).encode()).hexdigest()
             path = self.folder / f"{s:06d}.safetensors"
             if path.is_file():
                 with safe_open(str(path), "pt") as f:

@@ -110,11 +110,12 @@ class Sampler:
         if not isinstance(n, int) or not 1 <= n <= self.N:
             raise ValueError(f"steps must be an integer in 1..{self.N}, got {n!r}")
 
-    def leading(self, k):
+    def leading(self, k, bounded=True):
         """diffusers' "leading" spacing, ascending: k timesteps N // k apart from steps_offset up. Too many steps
-        would put the last one past the schedule (1, 2, ... 1000 for k = 1000), where diffusers fails on an index."""
+        put the last one past the schedule (1, 2, ... 1000 for k = 1000), where diffusers fails on an index (PNDM,
+        DDIM) or gives NaN (DPM-Solver); bounded=False: Euler's sigmas clamp there, in diffusers as in sigmas_at."""
         t = np.arange(k) * (self.N // k) + self.cfg.steps_offset
-        if t[-1] >= self.N:
+        if self.N // k == 0 or bounded and t[-1] >= self.N:
             raise ValueError(f"too many steps for 'leading' timesteps with steps_offset {self.cfg.steps_offset}: one "
                              f"would be t = {t[-1]}, past the schedule's last, {self.N - 1}")
         return t
@@ -268,7 +269,7 @@ class Euler(Sampler):
         if self.spacing == "linspace":  # fractional timesteps: 999, 832.5, 666, ... for n=7
             t = np.linspace(0, self.N - 1, n, dtype=np.float32)[::-1].copy()
         else:
-            t = self.leading(n)[::-1].astype(np.float32)
+            t = self.leading(n, bounded=False)[::-1].astype(np.float32)
         self.timesteps, self.sigmas, self.index = torch.from_numpy(t), sigmas_at(self.alphas_cumprod, t), 0
         # x_T ~ N(0, (sigma_max^2 + 1) I) in VE scale; diffusers takes sigma_max for "linspace" (0.23% less here)
         smax = self.sigmas.max()
@@ -381,7 +382,7 @@ def open_image(image):
     try:
         with nullcontext(image) if isinstance(image, Image.Image) else Image.open(image) as im:
             im = ImageOps.exif_transpose(im)
-            if im.mode == "I" or im.mode.startswith("I;16"):  # a 16-bit PNG opens as one or the other
+            if im.mode.startswith("I;16") or im.mode == "I" and im.getextrema()[1] > 255:  # 16-bit grey
                 im = Image.fromarray((np.asarray(im, np.float64) / 257).round().clip(0, 255).astype(np.uint8))
             return im.convert("RGB")
     except (OSError, ValueError) as e:
@@ -643,7 +644,7 @@ def main(args, ap):
     unet.keep_freed_memory()  # this process is ours: no page faults on every step's activations
     unet.PREPACK = unet.PREPACK and not args.low_memory  # no packed or transformed copy: plain convolutions
     sized = args.height or args.width  # with --init-image: the image is resized to the size asked for
-    if args.random_weights and not (args.init_image and not sized):  # the smoke run is about the code, not the picture
+    if args.random_weights and not args.init_image:  # small by default: the smoke run is about the code
         args.height, args.width = args.height or 128, args.width or 128
     prompts, init, device, dtype, seed = check_args(args, ap)
     if init and sized:

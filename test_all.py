@@ -562,14 +562,23 @@ class TestUNet:
         x = torch.randn(2, 8, 16, 16)
         for conv in (unet.Conv2d(8, 8, 3, padding=1), unet.Conv2d(8, 8, 3, stride=2, padding=1)):  # Winograd, oneDNN
             ref = lambda: F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding)  # noqa: E731
+            for frozen in (True, False):  # the copy made from frozen weights, or from trainable ones
+                conv.requires_grad_(not frozen)
+                with torch.no_grad():
+                    assert rel_err(conv(x), ref()) <= 1e-5 and conv in unet.PACKED
+                conv.requires_grad_(True)
+                opt = torch.optim.AdamW(conv.parameters(), lr=0.1, fused=True)
+                conv(x).square().mean().backward()
+                version = conv.weight._version
+                opt.step()
+                conv.requires_grad_(frozen)
+                with torch.no_grad():
+                    assert conv.weight._version == version and rel_err(conv(x), ref()) <= 1e-5
+            packed = unet.PACKED[conv][1]
+            torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1).step()  # another model's step: the copy is kept
             with torch.no_grad():
-                assert rel_err(conv(x), ref()) <= 1e-5 and conv in unet.PACKED
-            opt = torch.optim.AdamW(conv.parameters(), lr=0.1, fused=True)
-            conv(x).square().mean().backward()
-            version = conv.weight._version
-            opt.step()
-            with torch.no_grad():
-                assert conv.weight._version == version and rel_err(conv(x), ref()) <= 1e-5
+                conv(x)
+            assert unet.PACKED[conv][1] is packed
         layer, w = nn.Module(), torch.ones(4)
         assert unet.kept(layer, (), w, lambda: "of w") == "of w"
         assert unet.kept(layer, (), w, lambda: "again") == "of w"  # the same tensor, unchanged: kept
@@ -1764,13 +1773,15 @@ class TestSampler:
     @pytest.mark.parametrize("name", list(SAMPLERS))
     def test_too_many_leading_steps_are_refused(self, name):
         """"leading" with steps_offset 1: 1000 steps would end at t = 1000, past the schedule (diffusers fails on an
-        index there); DPM-Solver spaces n + 1 points, so it takes one step fewer."""
+        index there, or gives NaN); DPM-Solver spaces n + 1 points, so it takes one step fewer. Euler's sigmas clamp
+        past the end, in diffusers as here: it runs 1000."""
         s = SAMPLERS[name](SamplerConfig(timestep_spacing="leading"))
-        most = 998 if name == "dpm++2m" else 999
+        most = {"dpm++2m": 998, "euler": 1000, "euler_a": 1000}.get(name, 999)
         s.set_timesteps(most)
-        assert int(s.timesteps.max()) == 999
-        with pytest.raises(ValueError, match="too many steps for 'leading' timesteps"):
-            s.set_timesteps(most + 1)
+        assert int(s.timesteps.max()) == (1000 if most == 1000 else 999)
+        for n in range(most + 1, 1001):
+            with pytest.raises(ValueError, match="too many steps for 'leading' timesteps"):
+                s.set_timesteps(n)
 
     def test_ddim_with_the_true_noise_recovers_x0_at_every_step(self):
         torch.manual_seed(0)
@@ -2005,11 +2016,16 @@ class TestCLI:
         Image.fromarray((np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)).save(tmp_path / "grey16.png")
         grey = np.asarray(sampler.open_image(tmp_path / "grey16.png"))  # PIL's convert alone clips at 255
         assert np.array_equal(grey, np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2))
+        eight = Image.fromarray(np.full((4, 4), 200, np.int32))  # mode I holding 8-bit values: not scaled
+        assert eight.mode == "I" and np.asarray(sampler.open_image(eight)).max() == 200
         out = run_cli("sampler.py", "a cat", "--random-weights", "--steps", "2", "--init-image",
                       str(tmp_path / "turned.jpg"), "--height", "64", "--width", "128", "--out",
                       str(tmp_path / "o.png"))
         assert out.returncode == 0, out.stderr
         assert Image.open(tmp_path / "o.png").size == (128, 64)
+        out = run_cli("sampler.py", "a cat", "--random-weights", "--steps", "2", "--init-image",
+                      str(tmp_path / "turned.jpg"), "--width", "128", "--out", str(tmp_path / "w.png"))
+        assert out.returncode == 0 and Image.open(tmp_path / "w.png").size == (128, 64), out.stderr  # its own 96
 
     def test_cli_bad_input_is_a_clear_error_and_writes_nothing(self, tmp_path, capsys):
         base = ["a cat", "--random-weights", "--out", str(tmp_path / "x.png")]
@@ -3077,7 +3093,7 @@ class TestDistill:
         for a, b in zip(plain, _distill_log(cached)):
             assert abs(a["loss"] - b["loss"]) <= 1e-4 * a["loss"], (a, b)
 
-    def test_a_latent_cache_from_other_data_or_settings_is_made_again(self, tmp_path, capsys):
+    def test_a_latent_cache_from_other_data_or_settings_is_made_again(self, tmp_path, capsys, monkeypatch):
         from contextlib import nullcontext
         shard = tmp_path / "cache" / "000000.safetensors"
 
@@ -3094,6 +3110,16 @@ class TestDistill:
             before = build(a)[0]
             after, err = build(**dict(records=a) | changed)
             assert after != before and "made 1 shards again" in err, changed
+        (tmp_path / "data").mkdir()
+        for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+            _distill_png(tmp_path / "data" / f"{i}.png", colour)
+        (tmp_path / "data" / "metadata.csv").write_text("file_name,text\n0.png,red\n1.png,blue\n")
+        first = build(distill.read_metadata_csv(tmp_path / "data")[0])[0]
+        monkeypatch.chdir(tmp_path)
+        os.replace(tmp_path / "data", tmp_path / "moved")  # the same files, reached by another path
+        assert build(distill.read_metadata_csv(Path("moved"))[0]) == (first, "")
+        Image.new("RGB", (48, 48), (0, 255, 0)).save(tmp_path / "moved" / "1.png")  # another image: made again
+        assert "made 1 shards again" in build(distill.read_metadata_csv(Path("moved"))[0])[1]
 
     def test_a_fresh_run_refuses_a_used_out_and_pruning_goes_by_step(self, tmp_path, monkeypatch):
         a = _distill_run(tmp_path, "a", "--max-steps", 1, "--save-every", 1)
@@ -3346,6 +3372,22 @@ class TestToy:
         os.symlink(tmp_path / "a" / "latent_cache", link)  # absolute, into the folder's old place
         toy.distill_run(run, "teacher", tmp_path / "init", 1, 1e-3)
         assert link.resolve() == tmp_path / "b" / "latent_cache" and (tmp_path / "b" / "teacher").is_dir()
+        link.unlink()
+        link.mkdir()  # a real folder, as shutil.copytree makes of a link: used as it is
+        toy.distill_run(run, "teacher", tmp_path / "init", 1, 1e-3)
+        assert link.is_dir() and not link.is_symlink()
+
+    def test_an_older_run_without_plan_json_keeps_the_plan_it_was_made_with(self, tmp_path):
+        out = tmp_path / "old"
+        out.mkdir()
+        (out / "times.json").write_text("{}")
+        with pytest.raises(SystemExit, match="another plan \\(unknown: no plan.json\\)"):  # cut before RESULTS.md
+            toy.Run(out, toy.QUICK, "cpu")
+        (out / "RESULTS.md").write_text(f"# RESULTS\n\nPlan: {asdict(toy.QUICK)}. Generation: 3 PNDM steps\n")
+        with pytest.raises(SystemExit, match="holds a run of another plan"):
+            toy.Run(out, toy.Plan(), "cpu")
+        toy.Run(out, toy.QUICK, "cpu")
+        assert json.loads((out / "plan.json").read_text()) == asdict(toy.QUICK)
 
     def test_matches_is_the_caption_check(self):
         s = toy.Scene("gray", [("circle", "red", "small", "top left"), ("square", "blue", "large", "center")],

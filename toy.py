@@ -24,8 +24,10 @@ no random flips; the teacher drops 10% of captions as SD was trained (classifier
 students drop none (the paper's recipe).
 """
 import argparse
+import ast
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -390,6 +392,10 @@ class Run:
         self.out, self.plan, self.device = Path(out), plan, torch.device(device)
         self.out.mkdir(parents=True, exist_ok=True)
         made = json.loads((self.out / "plan.json").read_text()) if (self.out / "plan.json").exists() else asdict(plan)
+        if (self.out / "times.json").exists() and not (self.out / "plan.json").exists():  # a run from before plan.json
+            said = re.search(r"^Plan: (\{.*?\})\. ", (self.out / "RESULTS.md").read_text(), re.M) \
+                if (self.out / "RESULTS.md").exists() else None
+            made = ast.literal_eval(said.group(1)) if said else "unknown: no plan.json"
         if made != asdict(plan):  # its finished stages would be kept and reported under this plan
             raise SystemExit(f"error: {out} holds a run of another plan ({made}): use another --out")
         write_json(self.out / "plan.json", made)
@@ -416,11 +422,12 @@ def distill_run(run, name, teacher, steps, lr, *flags):
     """distill.py on the toy data, into run.out/runs/NAME; resumed from its newest checkpoint if it was cut."""
     folder = run.out / "runs" / name
     cache, shared = folder / "latent_cache", os.path.relpath(run.out / "latent_cache", folder)
-    if not cache.is_symlink() or os.readlink(cache) != shared:  # the same data, VAE and text encoder for every run:
-        folder.mkdir(parents=True, exist_ok=True)                # the captions and images are encoded once
-        (run.out / "latent_cache").mkdir(exist_ok=True)
-        cache.unlink(missing_ok=True)  # a link made before links were relative: the folder may have moved
-        os.symlink(shared, cache)  # relative: --out may be moved or copied
+    folder.mkdir(parents=True, exist_ok=True)
+    (run.out / "latent_cache").mkdir(exist_ok=True)
+    if cache.is_symlink() and os.readlink(cache) != shared:  # made before links were relative: it may point away
+        cache.unlink()
+    if not cache.exists():  # the same data, VAE and text encoder for every run: the captions and images encoded once
+        os.symlink(shared, cache)  # relative: --out may be moved or copied (a copy's real folder is used as it is)
     argv = ["--teacher", str(teacher), "--data", str(run.out / "data"), "--out", str(folder), "--resolution",
             str(SIZE), "--cache-latents", "--no-flip", "--batch", str(run.plan.batch), "--grad-accum", "1",
             "--max-steps", str(steps), "--save-every", str(max(steps // 5, 1)), "--val-every", "0", "--lr", str(lr),

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.weak import WeakIdKeyDictionary
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
@@ -233,17 +234,24 @@ def onednn_inference(x, w, b=None):
 # layer -> (key, packed weight, the weight it was made from), beside the layer: its state_dict, copies and .to() stay
 # those of an nn.Conv2d
 PACKED = weakref.WeakKeyDictionary()
-# Optimizer steps, counted by a hook on every optimizer: some write weights without bumping their version (fused
-# AdamW on a CPU), so a trainable weight's copy is made anew after any step. Writes through .data bump nothing: after
-# them, PACKED.clear().
-STEPS = [0]
-register_optimizer_step_post_hook(lambda *_: STEPS.__setitem__(0, STEPS[0] + 1))
+# Optimizer steps per weight, counted by a hook on every optimizer: some write weights without bumping their version
+# (fused AdamW on a CPU). Writes through .data bump nothing: after them, PACKED.clear().
+STEPS = WeakIdKeyDictionary()
+
+
+def count_steps(optimizer, args, kwargs):
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            STEPS[p] = STEPS.get(p, 0) + 1
+
+
+register_optimizer_step_post_hook(count_steps)
 
 
 def kept(layer, key, w, make):
     """layer's kept copy of its weight w: make() once, and again when the key changed (a new shape, a version bumped
-    by a write, an optimizer step on a trainable w) or w is another tensor (which may reuse a freed one's address)."""
-    key += (w.data_ptr(), w._version, STEPS[0] if w.requires_grad else 0)
+    by a write, an optimizer step on w) or w is another tensor (which may reuse a freed one's address)."""
+    key += (w.data_ptr(), w._version, STEPS.get(w, 0))
     entry = PACKED.get(layer)
     if entry is None or entry[0] != key or entry[2]() is not w:
         PACKED[layer] = entry = (key, make(), weakref.ref(w))
