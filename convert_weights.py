@@ -583,9 +583,10 @@ def build(component, cfg, sd, dtype, device, path=""):
     tensors = {}
     for k in list(sd):  # popping each source as it is converted releases it: peak = the result + one source tensor
         v = sd.pop(k)
-        tensors[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        v = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        tensors[k] = unet_mod.fast_layout(v) if v.dim() == 4 else v  # NHWC now, not by a second copy of the model
     model.load_state_dict(tensors, strict=True, assign=True)  # our models have no buffers outside the state dict
-    return unet_mod.fast_layout(model.eval())
+    return model.eval()
 
 
 def find_tokenizer(path, width, tokenizer=None):
