@@ -64,6 +64,7 @@ def note(msg):
 # Reading files safely: safetensors memory-mapped, pickles only through torch's weights_only unpickler
 
 SAFETENSORS_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+CAST_CHUNK = 64 << 20  # bytes of cast tensors read through one opening of a file's memory map (read_file)
 
 
 class LightningCheckpointStub:
@@ -78,15 +79,26 @@ def read_file(path, dtype=None):
     if path.suffix == ".safetensors":
         try:
             with safe_open(path, framework="pt") as f:
-                meta = f.metadata() or {}
-                stored = {f.get_slice(k).get_dtype() for k in f.keys()}
+                meta, keys = f.metadata() or {}, list(f.keys())
+                stored = {f.get_slice(k).get_dtype() for k in keys}
                 if dtype is None or stored <= {SAFETENSORS_DTYPE[dtype], "I64", "I32", "BOOL"}:
                     # no cast: memory-mapped tensors, whose pages are read when first touched and never copied
-                    return {k: f.get_tensor(k) for k in f.keys()}, meta
-            # A cast reads each tensor with pread and converts it at once. Cast from a mapping instead, and every
-            # source page stays resident until the file's last tensor is freed: peak = file + result.
-            with safe_open(path, framework="pt", backend="pread") as f:
-                return {k: cast(f.get_tensor(k)) for k in f.keys()}, meta
+                    return {k: f.get_tensor(k) for k in keys}, meta
+            # A cast converts each tensor from the memory map into a new one. A map keeps every page it has read in
+            # this process's memory until it is closed (peak = file + result), so it is closed and opened again
+            # after every CAST_CHUNK bytes of results: peak = result + a chunk of the file (BENCHMARKS.md, "Loading").
+            out = {}
+            while len(out) < len(keys):
+                with safe_open(path, framework="pt") as f:
+                    read = 0
+                    for k in keys[len(out):]:
+                        t = f.get_tensor(k)
+                        out[k] = t.to(dtype, copy=True) if t.is_floating_point() else t.clone()  # none on the map
+                        read += out[k].nbytes
+                        if read >= CAST_CHUNK:
+                            break
+                    del t
+            return out, meta
         except SafetensorError as e:
             raise ValueError(f"{path}: cannot read this safetensors file ({e}): truncated or corrupt?") from e
     try:  # mmap needs torch's zip format (torch >= 1.6); very old files are read whole

@@ -1361,6 +1361,17 @@ class TestConvert:
         text = {k.removeprefix("text_model."): v for k, v in p.text_encoder.state_dict().items()}
         assert_same_tensors({k: v for k, v in ref.text_encoder.state_dict().items() if k in text}, text)
 
+    def test_a_cast_read_opens_the_map_again_by_chunks(self, tiny_parts, tmp_path, monkeypatch):
+        """read_file with a cast closes the memory map after every CAST_CHUNK bytes (so the pages it read leave
+        memory) and opens it again: every tensor read once, cast, and on none of the maps"""
+        sd, cfgs = tiny_parts
+        cw.to_single_file(sd, tmp_path / "m.safetensors", configs=cfgs)
+        ref = load_file(tmp_path / "m.safetensors")
+        for chunk in (1, 64 << 20):  # a new map after every tensor, and one map for all
+            monkeypatch.setattr(cw, "CAST_CHUNK", chunk)
+            got = cw.read_file(tmp_path / "m.safetensors", torch.bfloat16)[0]
+            assert list(got) == list(ref) and all(torch.equal(got[k], ref[k].to(torch.bfloat16)) for k in ref)
+
     def test_a_model_folder_alone_keeps_its_config(self, tmp_path):
         """unet/ given alone (not its pipeline): its config.json, not a guess from the shapes (heads cannot be seen)"""
         cfg = replace(unet.PRESETS["tiny-test"], num_heads=(1, 1, 1, 1))
