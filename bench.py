@@ -19,6 +19,7 @@ Results go in BENCHMARKS.md. Needs the dev requirements (diffusers is the refere
 --whole and --attention return theirs; the other modes write null as the result).
 """
 import argparse
+import importlib.metadata
 import json
 import statistics
 import subprocess
@@ -85,7 +86,7 @@ def sync(args):
 def bench_unet(args):
     cfg, models = build(args, "both")
     x, t, ctx = step_inputs(cfg, args)
-    times = {name: [] for name in models}
+    times, compile_s = {name: [] for name in models}, {}
     with torch.inference_mode():
         if args.compile:  # both libraries compiled alike; the first call compiles, timed apart
             models = {name: torch.compile(m, mode=args.compile) for name, m in models.items()}
@@ -93,7 +94,8 @@ def bench_unet(args):
                 t0 = time.perf_counter()
                 call(name, m, x, t, ctx)
                 sync(args)
-                print(f"  {name:10s} torch.compile(mode={args.compile!r}): first call {time.perf_counter() - t0:.1f} s")
+                compile_s[name] = time.perf_counter() - t0
+                print(f"  {name:10s} torch.compile(mode={args.compile!r}): first call {compile_s[name]:.1f} s")
         steps = {name: partial(call, name, m) for name, m in models.items()}
         if args.cuda_graph:  # both libraries replayed as CUDA graphs alike (sampler.CUDAGraph)
             from sampler import CUDAGraph
@@ -117,7 +119,8 @@ def bench_unet(args):
     for name, v in times.items():
         print(f"  {name:10s} {med[name]:8.4f} s   (runs: {', '.join(f'{s:.4f}' for s in v)})")
     print(f"  speed-up of minisd over diffusers: {med['diffusers'] / med['minisd']:.3f}x")
-    result = dict(seconds=times, median=med, ratio=med["minisd"] / med["diffusers"], max_rel_diff=err)
+    result = dict(seconds=times, median=med, ratio=med["minisd"] / med["diffusers"], max_rel_diff=err,
+                  first_call_s=compile_s)
     if args.device == "cpu" and not args.compile:  # peak memory: each in a fresh process, since RSS never shrinks
         peak = {}
         for name in models:
@@ -125,7 +128,7 @@ def bench_unet(args):
                 ("preset", args.preset), ("batch", args.batch), ("latent", args.latent), ("threads", args.threads),
                 ("dtype", args.dtype))] + (["--guided"] if args.guided else [])
             peak[name] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
-            print(f"  {name:10s} peak RSS, build + 1 step: {peak[name]:.2f} GB")
+            print(f"  {name:10s} peak RSS, import + build + 1 step: {peak[name]:.2f} GB")
         print(f"  peak memory minisd / diffusers: {peak['minisd'] / peak['diffusers']:.3f}")
         result["peak_rss_gb"] = peak
     return result
@@ -627,5 +630,11 @@ if __name__ == "__main__":
     result = run(args)
     if args.json:  # the measurements with what produced them
         machine = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+        versions = {}  # diffusers' loads differ with accelerate installed (BENCHMARKS has rows with and without)
+        for package in ("diffusers", "transformers", "accelerate"):
+            try:
+                versions[package] = importlib.metadata.version(package)
+            except importlib.metadata.PackageNotFoundError:
+                versions[package] = None
         Path(args.json).write_text(json.dumps(dict(mode=name, args=vars(args), machine=machine, torch=torch.__version__,
-                                                   result=result), indent=1, default=str))
+                                                   versions=versions, result=result), indent=1, default=str))
