@@ -606,17 +606,13 @@ def clip_file(name=CLIP_REPO):
         return path
     if path.is_absolute() or name.startswith("."):  # a path, not a hub repo
         raise OSError(f"{name}: no such file or folder")
-    import huggingface_hub
     why = None
-    for n in names:  # snapshot_download: a hub out of reach is one error and a look in the cache, not retries
+    for n in names:  # convert_weights.snapshot: a hub out of reach is one error and a look in the cache, not retries
         try:
-            folder = Path(huggingface_hub.snapshot_download(name, allow_patterns=[n]))
-        except huggingface_hub.errors.LocalEntryNotFoundError as e:  # out of reach, and not in the cache
-            why = why or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            folder = convert_weights.snapshot(name, [n])  # its other errors (gated, no such repo) are OSErrors too
+        except ConnectionError as e:  # out of reach, and not in the cache
+            why = why or e
             continue
-        except Exception as e:
-            raise OSError(f"cannot fetch CLIP weights from {name} ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from e
         if (folder / n).is_file():
             return folder / n
     if why:

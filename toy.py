@@ -391,8 +391,10 @@ class Run:
     def __init__(self, out, plan, device):
         self.out, self.plan, self.device = Path(out), plan, torch.device(device)
         self.out.mkdir(parents=True, exist_ok=True)
-        made = json.loads((self.out / "plan.json").read_text()) if (self.out / "plan.json").exists() else asdict(plan)
-        if (self.out / "times.json").exists() and not (self.out / "plan.json").exists():  # a run from before plan.json
+        made = asdict(plan)  # a new run's
+        if (self.out / "plan.json").exists():
+            made = json.loads((self.out / "plan.json").read_text())
+        elif (self.out / "times.json").exists():  # a run from before plan.json: its plan is on RESULTS.md's Plan line
             said = re.search(r"^Plan: (\{.*?\})\. ", (self.out / "RESULTS.md").read_text(), re.M) \
                 if (self.out / "RESULTS.md").exists() else None
             made = ast.literal_eval(said.group(1)) if said else "unknown: no plan.json"
@@ -433,7 +435,7 @@ def distill_run(run, name, teacher, steps, lr, *flags):
             "--max-steps", str(steps), "--save-every", str(max(steps // 5, 1)), "--val-every", "0", "--lr", str(lr),
             "--gradient-checkpointing", "off", "--precision", "fp32", "--seed", str(run.plan.seed), *flags]
     argv += ["--device", "cpu"] if run.device.type == "cpu" else []
-    if any(folder.glob("checkpoint-*.safetensors")):
+    if distill.checkpoints(folder):
         argv += ["--resume", str(folder)]
     distill.main(argv)
     if not (folder / "final").exists():  # distill.py saved a checkpoint and returned on a signal
