@@ -8,6 +8,7 @@ Results go in BENCHMARKS.md. Needs the dev requirements (diffusers is the refere
   python bench.py --preset bk-tiny --device cuda --dtype float16 --cuda-graph   # both replayed as CUDA graphs
   python bench.py --preset bk-tiny --dtype bfloat16 --guided   # a guided step: one latent with its two texts
   python bench.py --attention --dtype bfloat16   # our attention kernels (tiled, fused, native) vs SDPA, SD v1 shapes
+  python bench.py --preset bk-base --dtype bfloat16 --fidelity 20   # bf16 against fp32 over 20 inputs (goal 2)
   python bench.py --qkv                   # separate vs fused q/k/v projections at SD v1's attention shapes
   python bench.py --load                  # load a saved diffusers folder (random sd-v1 weights): time, peak RSS
   python bench.py --txt2img --preset bk-small --size 256 --steps 10   # whole text-to-image run, per stage
@@ -15,8 +16,8 @@ Results go in BENCHMARKS.md. Needs the dev requirements (diffusers is the refere
   python bench.py --distill [--ckpt]      # one BK-SDM KD training step (bk-base from sd-v1), vs the official way
   python bench.py --distill --device cuda --latent 64 --batch 64 --dtype bfloat16 --ckpt   # the paper's setting
   python bench.py --fid [--score 1000 --gen 20]   # Inception images/s batched vs image by image; scoring; COCO run
---json FILE also writes the measurements, with the arguments and the machine, as JSON (the U-Net step, --txt2img,
---whole and --attention return theirs; the other modes write null as the result).
+--json FILE also writes the measurements, with the arguments and the machine, as JSON (the U-Net step, --fidelity,
+--txt2img, --whole and --attention return theirs; the other modes write null as the result).
 """
 import argparse
 import importlib.metadata
@@ -60,13 +61,14 @@ def build(args, which):
     return cfg, {"minisd": ours, "diffusers": ref.eval()}
 
 
-def step_inputs(cfg, args):
+def step_inputs(cfg, args, seed=1, dtype=None):
     """--guided: batch / 2 latents, each with two texts, as the samplers call the U-Net under guidance."""
-    g, n = torch.Generator().manual_seed(1), args.batch // 2 if args.guided else args.batch
+    g, n = torch.Generator().manual_seed(seed), args.batch // 2 if args.guided else args.batch
     x = torch.randn(n, cfg.in_channels, args.latent, args.latent, generator=g)
     ctx = torch.randn(args.batch, 77, cfg.cross_attention_dim, generator=g)
     t = torch.full((n,), 500)
-    return (v.to(args.device, DTYPES[args.dtype]) if v.is_floating_point() else v.to(args.device) for v in (x, t, ctx))
+    dtype = dtype or DTYPES[args.dtype]
+    return [v.to(args.device, dtype) if v.is_floating_point() else v.to(args.device) for v in (x, t, ctx)]
 
 
 def call(name, model, x, t, ctx):
@@ -132,6 +134,36 @@ def bench_unet(args):
         print(f"  peak memory minisd / diffusers: {peak['minisd'] / peak['diffusers']:.3f}")
         result["peak_rss_gb"] = peak
     return result
+
+
+def bench_fidelity(args):
+    """Issue 12, goal 2's bound: the low-precision step (--dtype) against fp32 on the same seeded weights, over
+    --fidelity inputs (seeds 1, 2, ...; seed 1 is the timed mode's input), each given to fp32 as it is and to the low
+    precision rounded; ours and diffusers' alike. Both readings of "relative error": the whole output's, ||d|| /
+    ||ref|| (goal 2's, as BENCHMARKS.md reads it), and the largest element's, max|d| / max|ref| (the parity tests')."""
+    torch.manual_seed(0)
+    exact = UNet(PRESETS[args.preset]).to(args.device).eval()  # build() draws the same weights, then casts them
+    cfg, models = build(args, "both")
+    readings = {"norm": lambda d, ref: d.norm() / ref.norm(), "max": lambda d, ref: d.abs().max() / ref.abs().max()}
+    errs = {name: {k: [] for k in readings} for name in models}
+    print(f"{args.preset}, {args.dtype} against float32, {args.device}, batch {args.batch}"
+          f"{', guided' if args.guided else ''}, {args.latent}x{args.latent} latent, {args.fidelity} inputs")
+    with torch.inference_mode():
+        for seed in range(1, args.fidelity + 1):
+            x, t, ctx = step_inputs(cfg, args, seed, torch.float32)
+            ref = exact(x, t, ctx).double()
+            low = [v.to(DTYPES[args.dtype]) if v.is_floating_point() else v for v in (x, t, ctx)]
+            for name, m in models.items():
+                d = call(name, m, *low).double() - ref
+                for k, f in readings.items():
+                    errs[name][k].append(f(d, ref).item())
+            print(f"  input {seed:2d}: " + ", ".join(f"{name} {k} {v[-1]:.2e}" for name in errs
+                                                       for k, v in errs[name].items()), flush=True)
+    for name in errs:
+        for k, v in errs[name].items():
+            print(f"  {name:10s} {k:4s}: max {max(v):.2e}, median {statistics.median(v):.2e}, "
+                  f"{sum(e > 2e-2 for e in v)} of {len(v)} above goal 2's 2e-2")
+    return errs
 
 
 def peak_gb():
@@ -590,6 +622,7 @@ if __name__ == "__main__":
                     "classifier-free guidance calls it (diffusers' pipeline repeats the latent)")
     ap.add_argument("--attention", action="store_true", help="our attention kernels vs SDPA at SD v1's shapes")
     ap.add_argument("--json", help="also write the measurements to this JSON file")
+    ap.add_argument("--fidelity", type=int, default=0, help="U-Net step: --dtype against fp32 over this many inputs")
     ap.add_argument("--qkv", action="store_true", help="benchmark fused vs separate q/k/v projections")
     ap.add_argument("--load", action="store_true", help="benchmark loading a saved pipeline")
     ap.add_argument("--txt2img", action="store_true", help="benchmark a whole text-to-image run")
@@ -618,14 +651,16 @@ if __name__ == "__main__":
     args = ap.parse_args()
     if args.guided and (args.batch < 2 or args.batch % 2):
         ap.error(f"--guided: one latent with its two texts, so an even --batch, got {args.batch}")
-    given = [n for n in ("distill", "fid", "load", "whole", "txt2img", "qkv", "attention") if getattr(args, n)]
+    given = [n for n in ("distill", "fid", "load", "whole", "fidelity", "txt2img", "qkv", "attention")
+             if getattr(args, n)]
     if len(given) > 1:
         ap.error(f"one mode at a time, got {', '.join('--' + n for n in given)}")
     torch.set_num_threads(args.threads)
     modes = [("kd_child", lambda a: one_kd_step(a, a.kd_child)), ("distill", bench_distill), ("fid", bench_fid),
              ("peak_rss", peak_rss), ("load_once", lambda a: load_once(*a.load_once, a.dtype)),
              ("load", bench_load), ("whole_child", lambda a: whole_child(*a.whole_child, a)),
-             ("whole", bench_whole), ("txt2img", bench_txt2img), ("qkv", bench_qkv), ("attention", bench_attention)]
+             ("whole", bench_whole), ("fidelity", bench_fidelity), ("txt2img", bench_txt2img), ("qkv", bench_qkv),
+             ("attention", bench_attention)]
     name, run = next(((n, f) for n, f in modes if getattr(args, n)), ("unet", bench_unet))  # the mode given
     result = run(args)
     if args.json:  # the measurements with what produced them

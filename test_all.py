@@ -511,9 +511,24 @@ class TestUNet:
             assert rel_err(geglu(x).double(), exact) < 1e-5 and rel_err(plain(geglu, x).double(), exact) < 1e-5
             half, xh = copy.deepcopy(geglu).bfloat16(), x.bfloat16()
             fused, unfused = half(xh).double(), plain(half, xh).double()
-        assert not torch.equal(fused, unfused) and (fused - exact).abs().mean() < (unfused - exact).abs().mean()
+        if torch.bfloat16 in unet.ONEDNN_DTYPES:  # else (AVX2 alone) the plain unit's bits
+            assert not torch.equal(fused, unfused) and (fused - exact).abs().mean() < (unfused - exact).abs().mean()
+        else:
+            assert torch.equal(fused, unfused)
         assert rel_err(fused, exact) < 2e-2
         assert torch.equal(geglu(x), plain(geglu, x))  # autograd: the plain unit
+
+    def test_low_precision_where_onednn_takes_none_runs_the_plain_layers(self, monkeypatch):
+        # AVX2 alone (AMD Zen 2 and 3): oneDNN's bf16 and fp16 operators fail ("bf16 path needs the cpu support
+        # avx_ne_convert or avx512bw..."), so without them in ONEDNN_DTYPES the layers run as nn.Conv2d and the plain
+        # GEGLU do: the bits of the autograd path, which never takes oneDNN's own operators
+        monkeypatch.setattr(unet, "ONEDNN_DTYPES", {torch.float32})
+        torch.manual_seed(0)
+        m = UNet(replace(PRESETS["tiny-test"], attention="sdpa")).eval().bfloat16()
+        x, ctx = torch.randn(2, 4, 16, 16).bfloat16(), torch.randn(2, 77, 32).bfloat16()
+        with torch.no_grad():
+            out = m(x, 10, ctx)
+        assert torch.equal(out, m(x, 10, ctx).detach())  # grad enabled, weights that train
 
     @pytest.mark.skipif(not unet.PREPACK, reason="weight prepacking is for x86 CPUs with oneDNN")
     def test_prepacked_convolutions_give_the_plain_outputs_and_follow_the_weights(self, monkeypatch):
@@ -532,11 +547,12 @@ class TestUNet:
                     outs.append(model(x, 10, ctx))
             return outs
 
-        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.0)):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.0)):  # bf16 packed only where oneDNN takes it
             m.to(dtype)  # a cast (or a move) frees the packed copies
             assert not any(c in unet.PACKED for c in convs)
             plain, packed = both(m, x.to(dtype), ctx.to(dtype))
-            assert rel_err(packed.float(), plain.float()) <= tol and all(c in unet.PACKED for c in convs)
+            assert rel_err(packed.float(), plain.float()) <= tol
+            assert all((c in unet.PACKED) == (dtype in unet.ONEDNN_DTYPES) for c in convs)
         m.float()
         both(m, x, ctx)  # packs the new fp32 weights
         with torch.no_grad():  # an in-place update (an optimizer step, load_state_dict) repacks
@@ -636,7 +652,7 @@ class TestUNet:
                         (unet.Conv2d(8, 8, 3, padding=1).bfloat16(), torch.randn(1, 8, 8, 8).bfloat16())):
             with torch.no_grad():
                 conv(x)
-            assert unet.PACKED[conv][0][0] != "winograd"
+            assert unet.PACKED[conv][0][0] != "winograd" if x.dtype in unet.ONEDNN_DTYPES else conv not in unet.PACKED
         conv, x = unet.Conv2d(8, 8, 3, padding=1, prepack=False), torch.randn(1, 8, 8, 8)  # vae.py's: Winograd alone
         with torch.no_grad():
             conv.bfloat16()(x.bfloat16())
@@ -2082,7 +2098,9 @@ class TestCLI:
         pipe = cw.load_pipeline(tmp_path / "sd")
         a = sampler.txt2img(pipe, "a cat", steps=3, height=64, width=64, generator=0, progress=False)
         b = sampler.txt2img(ours, "a cat", steps=3, height=64, width=64, generator=0, progress=False)
-        assert torch.equal(a.latents, b.latents)
+        # not always the same bits: MKL's products may round by the weights' alignment, and a memory-mapped file's
+        # tensors are 8-byte aligned (AVX2, AMD Zen 3: 1e-6 apart, from the time MLP on one row)
+        assert rel_err(a.latents, b.latents) <= 1e-5
         out = run_cli("sampler.py", "a cat", "--weights", str(tmp_path / "sd"), "--steps", "2", "--height", "64",
                       "--width", "64", "--seed", "0", "--sampler", "euler_a", "--out", str(tmp_path / "cat.png"))
         assert out.returncode == 0, out.stderr

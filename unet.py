@@ -215,6 +215,11 @@ def fast_layout(t):
 # oneDNN in CPU inference: convolutions with their weights prepacked, GEGLU fused into its matrix products
 
 ONEDNN = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+# the dtypes its operators take here: bf16 and fp16 need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT; with AVX2 alone
+# (AMD Zen 2 and 3, older Intel) they fail, and nn.Conv2d and nn.Linear take their own kernels
+ONEDNN_DTYPES = {torch.float32} | {t for t, ok in ((torch.bfloat16, "_is_mkldnn_bf16_supported"),
+                                                   (torch.float16, "_is_mkldnn_fp16_supported"))
+                                   if ONEDNN and getattr(torch.ops.mkldnn, ok)()}
 PREPACK = ONEDNN  # False: plain convolutions, no packed copy of their weights
 WINOGRAD = True  # False: the fp32 3x3 convolutions on oneDNN too; saves 7/9 of their weights' size (Conv2d.winograd)
 WINOGRAD_SCRATCH = 16 << 20  # bytes of transformed tiles a chunk: 2-64 MB measured alike in a step, one chunk 4% slower
@@ -227,7 +232,7 @@ def onednn_inference(x, w, b=None):
     fuses on its own."""
     trains = w.requires_grad or x.requires_grad or b is not None and b.requires_grad
     return not torch.compiler.is_compiling() and ONEDNN and x.device.type == "cpu" and x.dtype == w.dtype and \
-        x.dtype in (torch.float32, torch.bfloat16, torch.float16) and not (torch.is_grad_enabled() and trains) and \
+        x.dtype in ONEDNN_DTYPES and not (torch.is_grad_enabled() and trains) and \
         not torch.is_autocast_enabled("cpu")
 
 
