@@ -2138,13 +2138,18 @@ class TestCLI:
             assert e.value.code == 2 and msg in capsys.readouterr().err, extra
         assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
-    def test_cli_dtype_auto_is_bf16_on_a_cpu_with_native_bf16(self, tmp_path, monkeypatch):
+    def test_cli_dtype_auto_is_bf16_on_a_cpu_with_native_bf16(self, tmp_path, monkeypatch, capsys):
         ap = sampler.parser()
         for native, extra, want in [(True, [], torch.bfloat16), (False, [], torch.float32),
                                     (True, ["--dtype", "float32"], torch.float32)]:
             monkeypatch.setattr(sampler, "native_bf16", lambda native=native: native)
             args = ap.parse_args(["a cat", "--device", "cpu", "--out", str(tmp_path / "x.png"), *extra])
             assert sampler.check_args(args, ap)[3] == want, (native, extra)
+        for native in (True, False):  # bf16 asked for where the CPU only emulates it: done, with a warning
+            monkeypatch.setattr(sampler, "native_bf16", lambda native=native: native)
+            args = ap.parse_args(["a cat", "--device", "cpu", "--dtype", "bfloat16", "--out", str(tmp_path / "x.png")])
+            assert sampler.check_args(args, ap)[3] == torch.bfloat16
+            assert ("no bf16 arithmetic" in capsys.readouterr().err) == (not native)
 
     def test_cli_seed_minus_one_draws_a_seed_and_prints_it(self, tmp_path, capsys):
         ap = sampler.parser()
