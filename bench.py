@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from convert_weights import DTYPES
-from unet import PRESETS, Attention, UNet, attention, native_fits
+from unet import PRESETS, Attention, UNet, attention, cpu_has, native_fits
 
 
 
@@ -312,7 +312,8 @@ def bench_load(args):
 def whole_child(which, folder, args):
     """One user's image in this fresh process (the parent times it, imports and loading included); prints the peak
     RSS in GB. minisd: sampler.py's command line with its defaults (bf16 on a CPU that has it). diffusers: its
-    pipeline with its defaults (fp32), or tuned as its documentation advises (bf16, U-Net and VAE channels-last)."""
+    pipeline with its defaults (fp32), or tuned as its documentation advises (bf16, U-Net and VAE channels-last;
+    fp32 channels-last on a CPU without bf16 arithmetic, where bf16 took 7.5x fp32's step: BENCHMARKS.md)."""
     prompt, out = "a photograph of an astronaut riding a horse", str(Path(folder) / f"{which}.png")
     try:
         if which == "minisd":
@@ -324,7 +325,8 @@ def whole_child(which, folder, args):
         else:
             from diffusers import StableDiffusionPipeline
             tuned = which == "diffusers-tuned"
-            pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16 if tuned else None,
+            half = tuned and any(cpu_has("avx512_bf16", "amx_tile"))
+            pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16 if half else None,
                                                            local_files_only=True)
             if tuned:
                 pipe.unet.to(memory_format=torch.channels_last)
@@ -349,15 +351,16 @@ def bench_whole(args):
                                     f"--steps={args.steps}", f"--threads={args.threads}"],
                                    capture_output=True, text=True, check=True)
                 runs[which].append((time.perf_counter() - t0, float(r.stdout.split()[-1])))
+    tuned = "bf16" if any(cpu_has("avx512_bf16", "amx_tile")) else "fp32 (no bf16 arithmetic here)"
     print(f"whole image, {args.preset}, {args.size}x{args.size}, {args.steps} PNDM steps, each library's defaults "
-          f"(and diffusers tuned), {args.threads} threads, {args.reps} rounds")
+          f"(and diffusers tuned: {tuned}, channels-last), {args.threads} threads, {args.reps} rounds")
     for k, v in runs.items():
         print(f"  {k:16s} " + ", ".join(f"{s:.1f} s ({gb:.2f} GB)" for s, gb in v))
     med = {k: statistics.median(s for s, _ in v) for k, v in runs.items()}
     print(f"  minisd / diffusers: {med['minisd'] / med['diffusers']:.3f}; minisd / diffusers tuned: "
           f"{med['minisd'] / med['diffusers-tuned']:.3f}")
     return dict(runs={k: [dict(seconds=s, peak_rss_gb=gb) for s, gb in v] for k, v in runs.items()}, median=med,
-                ratio=med["minisd"] / med["diffusers"], ratio_tuned=med["minisd"] / med["diffusers-tuned"])
+                ratio=med["minisd"] / med["diffusers"], ratio_tuned=med["minisd"] / med["diffusers-tuned"], tuned=tuned)
 
 
 def bench_txt2img(args):

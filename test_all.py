@@ -413,6 +413,18 @@ class TestUNet:
     def test_parity_full_size(self, preset):
         check_parity(PRESETS[preset], B=2, H=8, W=8)
 
+    @pytest.mark.slow
+    def test_bf16_tracks_fp32_at_full_size(self):
+        # issue 12, goal 2: a bf16 step within 2e-2 of fp32, normwise (||d|| / ||ref||); bk-base, the farthest of
+        # the four presets (1.5e-2 at 64x64 on 20 inputs: UNet's docstring); here 1.56e-2 at 32x32 (AVX2: 26 s)
+        torch.manual_seed(0)
+        m = UNet(PRESETS["bk-base"]).eval()
+        x, ctx = torch.randn(2, 4, 32, 32), torch.randn(2, 77, 768)
+        with torch.no_grad():
+            ref = m(x, 500, ctx).double()
+            out = m.bfloat16()(x.bfloat16(), 500, ctx.bfloat16()).double()
+        assert (out - ref).norm() / ref.norm() < 2e-2
+
     def test_linear_projection_and_upcast_sd2(self):
         # SD 2.x style: Linear proj_in/proj_out, per-stage head counts, fp32 attention
         cfg = replace(narrow(PRESETS["bk-base"]), use_linear_projection=True, upcast_attention=True,
