@@ -658,6 +658,8 @@ if __name__ == "__main__":
              if getattr(args, n)]
     if len(given) > 1:
         ap.error(f"one mode at a time, got {', '.join('--' + n for n in given)}")
+    if args.fidelity < 0 or args.fidelity and args.dtype == "float32":
+        ap.error("--fidelity N: N >= 1 inputs, with --dtype bfloat16 or float16 (measured against float32)")
     torch.set_num_threads(args.threads)
     modes = [("kd_child", lambda a: one_kd_step(a, a.kd_child)), ("distill", bench_distill), ("fid", bench_fid),
              ("peak_rss", peak_rss), ("load_once", lambda a: load_once(*a.load_once, a.dtype)),
