@@ -303,8 +303,8 @@ class Conv2d(nn.Conv2d):
         torch.bmm's; native.c's transforms around them are adds. Over the input's `tiles` in chunks of at most
         WINOGRAD_SCRATCH bytes of products, so its scratch stays small. More exact than oneDNN's direct convolution:
         6-9e-7 of float64 at the U-Net's sizes (oneDNN's 2-4e-6). An fp32 U-Net step took 0.79-0.85 of its time on
-        oneDNN (AVX2 alone: 0.83-0.84), for transformed filters 16/9 the size of the weights, kept where oneDNN's
-        packed copy was (sd-v1: 3.7 GB for 2.1; BENCHMARKS.md, "Winograd convolutions in fp32")."""
+        oneDNN (an AMD Zen 3, AVX2 alone: 0.92), for transformed filters 16/9 the size of the weights, kept where
+        oneDNN's packed copy was (sd-v1: 3.7 GB for 2.1; BENCHMARKS.md, "Winograd convolutions in fp32")."""
         g = self.weight  # the filters
         lib, threads = native_kernel(), torch.get_num_threads()
 
