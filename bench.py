@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from convert_weights import DTYPES
-from unet import PRESETS, Attention, UNet, attention, cpu_has, native_fits
+from sampler import native_bf16
+from unet import PRESETS, Attention, UNet, attention, native_fits
 
 
 
@@ -325,7 +326,7 @@ def whole_child(which, folder, args):
         else:
             from diffusers import StableDiffusionPipeline
             tuned = which == "diffusers-tuned"
-            half = tuned and any(cpu_has("avx512_bf16", "amx_tile"))
+            half = tuned and native_bf16()
             pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16 if half else None,
                                                            local_files_only=True)
             if tuned:
@@ -351,7 +352,7 @@ def bench_whole(args):
                                     f"--steps={args.steps}", f"--threads={args.threads}"],
                                    capture_output=True, text=True, check=True)
                 runs[which].append((time.perf_counter() - t0, float(r.stdout.split()[-1])))
-    tuned = "bf16" if any(cpu_has("avx512_bf16", "amx_tile")) else "fp32 (no bf16 arithmetic here)"
+    tuned = "bf16" if native_bf16() else "fp32 (no bf16 arithmetic here)"
     print(f"whole image, {args.preset}, {args.size}x{args.size}, {args.steps} PNDM steps, each library's defaults "
           f"(and diffusers tuned: {tuned}, channels-last), {args.threads} threads, {args.reps} rounds")
     for k, v in runs.items():
